@@ -1,0 +1,102 @@
+//! Finds ggml (the pinned vendored build, or the host's own via OFFLOAD_ENGINE_GGML_DIR)
+//! and generates the Rust bindings from that same set of headers.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+const HOST_GGML_VAR: &str = "OFFLOAD_ENGINE_GGML_DIR";
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=vendor/ggml_api.h");
+    println!("cargo:rerun-if-env-changed={HOST_GGML_VAR}");
+
+    let vendored = env::var_os("CARGO_FEATURE_VENDORED_GGML").is_some();
+    let host_dir = env::var_os(HOST_GGML_VAR).map(PathBuf::from);
+
+    let include_dir = match (&host_dir, vendored) {
+        (Some(_), true) => fail(&format!(
+            "{HOST_GGML_VAR} is set but the `vendored-ggml` feature is on, which would link a \
+             second ggml. Build with `--no-default-features` to use the host's ggml."
+        )),
+        (Some(dir), false) => host_ggml(dir),
+        (None, true) => vendored_include_dir(),
+        (None, false) => fail(&format!(
+            "no ggml: enable the `vendored-ggml` feature (the default) or set {HOST_GGML_VAR} \
+             to a directory holding the host's ggml `include/` and `lib/`."
+        )),
+    };
+    println!(
+        "cargo:rustc-env=OFFLOAD_ENGINE_GGML_INCLUDE={}",
+        include_dir.display()
+    );
+    generate_bindings(&include_dir);
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("offload-engine build: {message}");
+    std::process::exit(1);
+}
+
+/// The pinned package installs ggml's headers next to the CMake package it announces.
+fn vendored_include_dir() -> PathBuf {
+    let cmake_dir = env::var("DEP_LLAMA_GGML_CMAKE_DIR")
+        .unwrap_or_else(|_| fail("llama-cpp-sys-2 did not announce DEP_LLAMA_GGML_CMAKE_DIR"));
+    let prefix = Path::new(&cmake_dir)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| fail("unexpected ggml CMake directory layout"));
+    let include = prefix.join("include");
+    if !include.join("ggml-backend.h").is_file() {
+        fail(&format!("ggml headers not found in {}", include.display()));
+    }
+    // Expose the same ggml to the test harness and to C++ hosts built beside us.
+    println!("cargo:rustc-env=OFFLOAD_ENGINE_GGML_CMAKE_DIR={cmake_dir}");
+    println!(
+        "cargo:rustc-env=OFFLOAD_ENGINE_GGML_PREFIX={}",
+        prefix.display()
+    );
+    include
+}
+
+/// Host-ggml mode: bindings from the host's headers; link its shared ggml when it has one,
+/// otherwise leave the symbols for the host's final link (static ggml in the host binary).
+fn host_ggml(dir: &Path) -> PathBuf {
+    let include = dir.join("include");
+    if !include.join("ggml-backend.h").is_file() {
+        fail(&format!(
+            "{HOST_GGML_VAR}: no ggml-backend.h in {}",
+            include.display()
+        ));
+    }
+    for lib_dir in [dir.join("lib"), dir.join("lib64")] {
+        if lib_dir.join("libggml.so").exists() {
+            println!("cargo:rustc-link-search=native={}", lib_dir.display());
+            for lib in ["ggml", "ggml-base"] {
+                println!("cargo:rustc-link-lib=dylib={lib}");
+            }
+        }
+    }
+    include
+}
+
+fn generate_bindings(include_dir: &Path) {
+    let bindings = bindgen::Builder::default()
+        .header("vendor/ggml_api.h")
+        .clang_arg(format!("-I{}", include_dir.display()))
+        .allowlist_function("ggml_.*")
+        .allowlist_function("gguf_.*")
+        .allowlist_type("ggml_.*")
+        .allowlist_type("gguf_.*")
+        .allowlist_var("GGML_.*")
+        .allowlist_var("GGUF_.*")
+        .prepend_enum_name(false)
+        .layout_tests(false)
+        .generate_comments(false)
+        .generate()
+        .unwrap_or_else(|e| fail(&format!("bindgen failed on the ggml headers: {e}")));
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("ggml_bindings.rs");
+    bindings
+        .write_to_file(&out)
+        .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
+}

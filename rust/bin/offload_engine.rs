@@ -1,0 +1,352 @@
+//! `offload-engine`: inspect and plan models, run the streaming demo and the benchmarks.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use offload_engine::error::{Error, Result};
+use offload_engine::planner::{self, Budget, Hparams, Link, Workload};
+use offload_engine::registry::Registry;
+use offload_engine::units::{format_bytes, parse_size};
+use offload_engine::{bench, demo};
+
+#[derive(Parser)]
+#[command(
+    name = "offload-engine",
+    version,
+    about = "Stream ggml model weights layer by layer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a built-in model fully resident, then streamed under a budget, and compare outputs.
+    Demo {
+        /// Device memory the streamed run may use (default: about a third of the model).
+        #[arg(long, value_parser = parse_size_arg)]
+        budget: Option<u64>,
+        /// Layers copied ahead of the one computing.
+        #[arg(long, default_value_t = 1)]
+        prefetch: u32,
+        /// Forward passes per run.
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+        /// Write a Chrome trace-event JSON of the streamed run (open in Perfetto).
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// ggml device ("CPU", "CUDA0", ...); default: first GPU, else CPU.
+        #[arg(long)]
+        device: Option<String>,
+        /// Compute threads on the CPU backend.
+        #[arg(long, default_value_t = 1)]
+        threads: i32,
+        /// Smaller model (tests, quick looks).
+        #[arg(long)]
+        tiny: bool,
+    },
+    /// Measure streaming overlap, copy throughput and engine overhead in one run.
+    Bench {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        device: Option<String>,
+        /// Smaller model and fewer repetitions (tests).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// List a GGUF model's layers in execution order.
+    Inspect {
+        model: PathBuf,
+        /// Built-in pattern name or a regex with one capture group for the layer index.
+        #[arg(long)]
+        pattern: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide what stays on the device and what streams.
+    Plan {
+        /// GGUF model file (or use --hparams).
+        model: Option<PathBuf>,
+        /// Transformer hyperparameters, e.g. hidden=1536,layers=28,heads=12,kv_heads=2,vocab=151936,ffn=8960,context=2048,type=f32
+        #[arg(long)]
+        hparams: Option<String>,
+        /// Device memory capacity (simulated device, all free).
+        #[arg(long, value_parser = parse_size_arg)]
+        vram: Option<u64>,
+        /// Free device memory (what is left after other programs).
+        #[arg(long, value_parser = parse_size_arg)]
+        free_vram: Option<u64>,
+        /// Link name (see `--link list`) or a bandwidth in GB/s.
+        #[arg(long, default_value = "pcie4-x16")]
+        link: String,
+        #[arg(long, default_value_t = 1)]
+        steps: u32,
+        #[arg(long, default_value_t = 1)]
+        passes_per_step: u32,
+        #[arg(long, default_value_t = 1)]
+        prefetch: u32,
+        #[arg(long)]
+        pattern: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the ggml devices with their memory.
+    Devices,
+}
+
+fn parse_size_arg(text: &str) -> std::result::Result<u64, String> {
+    parse_size(text).map_err(|e| e.message)
+}
+
+fn main() -> ExitCode {
+    offload_engine::log::init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo {
+            budget,
+            prefetch,
+            passes,
+            trace,
+            device,
+            threads,
+            tiny,
+        } => demo::run_demo(&demo::DemoOptions {
+            budget,
+            prefetch,
+            passes,
+            trace,
+            device,
+            threads,
+            tiny,
+        }),
+        Command::Bench {
+            json,
+            device,
+            quick,
+        } => bench::run_bench(json, device.as_deref(), quick),
+        Command::Inspect {
+            model,
+            pattern,
+            json,
+        } => inspect(&model, pattern.as_deref(), json),
+        Command::Plan {
+            model,
+            hparams,
+            vram,
+            free_vram,
+            link,
+            steps,
+            passes_per_step,
+            prefetch,
+            pattern,
+            json,
+        } => plan(PlanArgs {
+            model,
+            hparams,
+            vram,
+            free_vram,
+            link,
+            workload: Workload {
+                steps,
+                passes_per_step,
+                prefetch_depth: prefetch,
+                ..Workload::default()
+            },
+            pattern,
+            json,
+        }),
+        Command::Devices => {
+            for line in offload_engine::backend::describe_devices() {
+                println!("{line}");
+            }
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("offload-engine: error: {}", err.message);
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_registry(model: &std::path::Path, pattern: Option<&str>) -> Result<Registry> {
+    let pattern = pattern.map(Registry::pattern_from_arg).transpose()?;
+    let mut registry = Registry::new(pattern);
+    registry.add_gguf(model)?;
+    registry.finalize();
+    Ok(registry)
+}
+
+fn inspect(model: &std::path::Path, pattern: Option<&str>, json: bool) -> Result<()> {
+    let mut registry = load_registry(model, pattern)?;
+    let architecture = registry.architecture();
+    let global_bytes = registry.global_bytes();
+    let global_count = registry.global_tensors().len();
+    let total = registry.total_bytes();
+    let count = registry.tensor_count();
+    let layers = registry.layers().to_vec();
+    if json {
+        let doc = serde_json::json!({
+            "architecture": architecture,
+            "layers": layers.iter().map(|l| serde_json::json!({
+                "name": l.name, "component": l.component.as_str(), "tensors": l.tensors.len(), "bytes": l.bytes
+            })).collect::<Vec<_>>(),
+            "global_bytes": global_bytes,
+            "global_tensors": global_count,
+            "total_bytes": total,
+            "tensor_count": count,
+        });
+        println!("{doc}");
+        return Ok(());
+    }
+    println!("model:        {}", model.display());
+    println!("architecture: {architecture}");
+    println!();
+    println!(
+        "{:>5}  {:<28} {:<16} {:>8} {:>12}",
+        "index", "layer", "component", "tensors", "bytes"
+    );
+    for (i, l) in layers.iter().enumerate() {
+        println!(
+            "{:>5}  {:<28} {:<16} {:>8} {:>12}",
+            i,
+            l.name,
+            l.component.as_str(),
+            l.tensors.len(),
+            format_bytes(l.bytes)
+        );
+    }
+    println!(
+        "{:>5}  {:<28} {:<16} {:>8} {:>12}",
+        "-",
+        "(global)",
+        "",
+        global_count,
+        format_bytes(global_bytes)
+    );
+    println!();
+    println!(
+        "{} layers, {} tensors, {} total; global group {} ({:.1}%){}",
+        layers.len(),
+        count,
+        format_bytes(total),
+        format_bytes(global_bytes),
+        if total > 0 {
+            100.0 * global_bytes as f64 / total as f64
+        } else {
+            0.0
+        },
+        if total > 0 && global_bytes * 2 > total {
+            " -- more than half is unmatched: check the pattern"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+struct PlanArgs {
+    model: Option<PathBuf>,
+    hparams: Option<String>,
+    vram: Option<u64>,
+    free_vram: Option<u64>,
+    link: String,
+    workload: Workload,
+    pattern: Option<String>,
+    json: bool,
+}
+
+fn plan(args: PlanArgs) -> Result<()> {
+    let cost = match (&args.model, &args.hparams) {
+        (Some(path), None) => {
+            let mut registry = load_registry(path, args.pattern.as_deref())?;
+            let global_bytes = registry.global_bytes();
+            planner::ModelCost {
+                layers: registry
+                    .layers()
+                    .iter()
+                    .map(|l| planner::LayerCost {
+                        name: l.name.clone(),
+                        bytes: l.bytes,
+                        once_bytes: 0,
+                        compute_seconds: None,
+                    })
+                    .collect(),
+                global_bytes,
+            }
+        }
+        (None, Some(spec)) => Hparams::parse(spec)?.to_model_cost(),
+        _ => {
+            return Err(Error::invalid(
+                "give a MODEL.gguf or --hparams (one of them)",
+            ))
+        }
+    };
+    let free = match (args.vram, args.free_vram) {
+        (Some(v), None) | (None, Some(v)) => v,
+        _ => {
+            return Err(Error::invalid(
+                "give --vram SIZE or --free-vram SIZE (one of them)",
+            ))
+        }
+    };
+    let mut budget = Budget::from_free(free);
+    budget.total_bytes = free;
+    let link = match args.link.parse::<f64>() {
+        Ok(gbps) => Link::from_gbps(gbps)?,
+        Err(_) => Link::named(&args.link)?,
+    };
+    let plan = planner::plan(&cost, &budget, &args.workload, &link)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&plan).map_err(|e| Error::invalid(e.to_string()))?
+        );
+    } else {
+        println!("mode:                {}", plan.mode.as_str());
+        println!(
+            "layers:              {} resident, {} streamed",
+            plan.resident_layers.len(),
+            plan.streamed_layers.len()
+        );
+        println!(
+            "slots:               {} x {}",
+            plan.slot_count,
+            format_bytes(plan.slot_bytes)
+        );
+        println!(
+            "full cache needs:    {}",
+            format_bytes(plan.full_cache_bytes)
+        );
+        println!(
+            "streaming needs:     {}",
+            format_bytes(plan.streaming_bytes)
+        );
+        println!("usable:              {}", format_bytes(plan.usable_bytes));
+        println!(
+            "largest layer:       {}",
+            format_bytes(plan.layer_bytes_max)
+        );
+        println!("moved per step:      {}", format_bytes(plan.bytes_per_step));
+        println!("moved per run:       {}", format_bytes(plan.bytes_per_run));
+        println!(
+            "predicted step:      {:.3} s over {}",
+            plan.predicted_step_seconds,
+            link.describe()
+        );
+        println!("{}", planner::memory_bar(&plan, &budget, 60));
+        println!("{}", plan.message);
+    }
+    if plan.mode == planner::Mode::Insufficient {
+        return Err(Error::new(
+            offload_engine::error::Status::InsufficientMemory,
+            plan.message,
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,621 @@
+//! Built-in models with deterministic weights and realistic tensor names, for the demo, the
+//! benchmarks and the streaming tests. Two architectures with different naming schemes and
+//! layer sizes: a llama-style decoder (`blk.N.*`) and a Flux-style stack
+//! (`double_blocks.N.*` then `single_blocks.N.*`).
+
+use std::ffi::CString;
+use std::ptr::NonNull;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result, Status};
+use crate::executor::{InputFill, LayeredModel};
+use crate::ggml as sys;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Flux,
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    pub architecture: Architecture,
+    pub hidden: i64,
+    pub heads: i64,
+    pub ffn: i64,
+    /// Llama: decoder layers. Flux: double blocks (single blocks are twice as many).
+    pub layers: usize,
+    pub vocab: i64,
+    pub tokens: i64,
+    pub seed: u64,
+}
+
+impl DemoConfig {
+    /// The demo's default: about 325 MB of f16 weights in 12 layers.
+    pub fn default_llama() -> DemoConfig {
+        DemoConfig {
+            architecture: Architecture::Llama,
+            hidden: 1024,
+            heads: 8,
+            ffn: 2816,
+            layers: 12,
+            vocab: 4096,
+            tokens: 16,
+            seed: 42,
+        }
+    }
+
+    /// Small models for tests (a few MB).
+    pub fn tiny(architecture: Architecture) -> DemoConfig {
+        DemoConfig {
+            architecture,
+            hidden: 64,
+            heads: 4,
+            ffn: 160,
+            layers: 6,
+            vocab: 128,
+            tokens: 4,
+            seed: 7,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.hidden <= 0 || self.heads <= 0 || self.hidden % self.heads != 0 || self.ffn <= 0 {
+            return Err(Error::invalid(
+                "demo model: hidden must be a positive multiple of heads",
+            ));
+        }
+        if self.layers == 0 || self.vocab <= 0 || self.tokens <= 0 {
+            return Err(Error::invalid(
+                "demo model: layers, vocab and tokens must be positive",
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct LayerWeights {
+    mats: Vec<*mut sys::ggml_tensor>,
+    norms: Vec<*mut sys::ggml_tensor>,
+    kind: BlockKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockKind {
+    /// attn_norm, q, k, v, o, ffn_norm, gate, up, down
+    Decoder,
+    /// a two-matrix residual MLP per named sub-block
+    Mlp,
+}
+
+/// A demo model whose weights live in one host (CPU) buffer, like a host that loaded them.
+pub struct DemoModel {
+    pub config: DemoConfig,
+    ctx: NonNull<sys::ggml_context>,
+    buffer: NonNull<sys::ggml_backend_buffer>,
+    layers: Vec<LayerWeights>,
+    token_embd: *mut sys::ggml_tensor,
+    output_norm: *mut sys::ggml_tensor,
+    output: *mut sys::ggml_tensor,
+    weight_bytes: u64,
+}
+
+impl DemoModel {
+    pub fn new(config: DemoConfig) -> Result<DemoModel> {
+        config.validate()?;
+        let max_tensors = config.layers * 16 + 16;
+        let params = sys::ggml_init_params {
+            // SAFETY: no preconditions.
+            mem_size: max_tensors * unsafe { sys::ggml_tensor_overhead() },
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        };
+        // SAFETY: metadata-only context.
+        let ctx = NonNull::new(unsafe { sys::ggml_init(params) })
+            .ok_or_else(|| Error::new(Status::OutOfMemory, "cannot create the demo context"))?;
+        let c = ctx.as_ptr();
+        let (h, f) = (config.hidden, config.ffn);
+        let new = |name: &str, ty: sys::ggml_type, ne0: i64, ne1: i64| -> *mut sys::ggml_tensor {
+            let cname = CString::new(name).expect("names have no NUL");
+            // SAFETY: valid context with room for `max_tensors` tensors.
+            unsafe {
+                let t = if ne1 == 1 {
+                    sys::ggml_new_tensor_1d(c, ty, ne0)
+                } else {
+                    sys::ggml_new_tensor_2d(c, ty, ne0, ne1)
+                };
+                sys::ggml_set_name(t, cname.as_ptr());
+                t
+            }
+        };
+        let f16 = sys::GGML_TYPE_F16;
+        let f32 = sys::GGML_TYPE_F32;
+        let mut layers = Vec::new();
+        match config.architecture {
+            Architecture::Llama => {
+                for i in 0..config.layers {
+                    let p = format!("blk.{i}.");
+                    let norms = vec![
+                        new(&format!("{p}attn_norm.weight"), f32, h, 1),
+                        new(&format!("{p}ffn_norm.weight"), f32, h, 1),
+                    ];
+                    let mats = vec![
+                        new(&format!("{p}attn_q.weight"), f16, h, h),
+                        new(&format!("{p}attn_k.weight"), f16, h, h),
+                        new(&format!("{p}attn_v.weight"), f16, h, h),
+                        new(&format!("{p}attn_output.weight"), f16, h, h),
+                        new(&format!("{p}ffn_gate.weight"), f16, h, f),
+                        new(&format!("{p}ffn_up.weight"), f16, h, f),
+                        new(&format!("{p}ffn_down.weight"), f16, f, h),
+                    ];
+                    layers.push(LayerWeights {
+                        mats,
+                        norms,
+                        kind: BlockKind::Decoder,
+                    });
+                }
+            }
+            Architecture::Flux => {
+                let prefix = "model.diffusion_model.";
+                for i in 0..config.layers {
+                    let p = format!("{prefix}double_blocks.{i}.");
+                    let norms = vec![
+                        new(&format!("{p}img_norm1.scale"), f32, h, 1),
+                        new(&format!("{p}img_norm2.scale"), f32, h, 1),
+                    ];
+                    let mats = vec![
+                        new(&format!("{p}img_attn.qkv.weight"), f16, h, 3 * h),
+                        new(&format!("{p}img_attn.proj.weight"), f16, 3 * h, h),
+                        new(&format!("{p}img_mlp.0.weight"), f16, h, f),
+                        new(&format!("{p}img_mlp.2.weight"), f16, f, h),
+                    ];
+                    layers.push(LayerWeights {
+                        mats,
+                        norms,
+                        kind: BlockKind::Mlp,
+                    });
+                }
+                for i in 0..config.layers * 2 {
+                    let p = format!("{prefix}single_blocks.{i}.");
+                    let norms = vec![new(&format!("{p}norm.scale"), f32, h, 1)];
+                    let mats = vec![
+                        new(&format!("{p}linear1.weight"), f16, h, f),
+                        new(&format!("{p}linear2.weight"), f16, f, h),
+                    ];
+                    layers.push(LayerWeights {
+                        mats,
+                        norms,
+                        kind: BlockKind::Mlp,
+                    });
+                }
+            }
+        }
+        let embd_name = match config.architecture {
+            Architecture::Llama => "token_embd.weight",
+            Architecture::Flux => "model.diffusion_model.img_in.weight",
+        };
+        let token_embd = new(embd_name, f32, h, config.vocab);
+        let output_norm = new(
+            match config.architecture {
+                Architecture::Llama => "output_norm.weight",
+                Architecture::Flux => "model.diffusion_model.final_layer.norm.scale",
+            },
+            f32,
+            h,
+            1,
+        );
+        let output = new(
+            match config.architecture {
+                Architecture::Llama => "output.weight",
+                Architecture::Flux => "model.diffusion_model.final_layer.linear.weight",
+            },
+            f16,
+            h,
+            config.vocab,
+        );
+        // SAFETY: the CPU buffer type is always available.
+        let buft = unsafe { sys::ggml_backend_cpu_buffer_type() };
+        // SAFETY: allocates every tensor of the context in one host buffer.
+        let buffer =
+            NonNull::new(unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(c, buft) })
+                .ok_or_else(|| {
+                    Error::new(Status::OutOfMemory, "cannot allocate the demo weights")
+                })?;
+        let mut model = DemoModel {
+            config,
+            ctx,
+            buffer,
+            layers,
+            token_embd,
+            output_norm,
+            output,
+            weight_bytes: 0,
+        };
+        model.fill_weights();
+        Ok(model)
+    }
+
+    /// Deterministic pseudo-random weights scaled by 1/sqrt(fan-in); norms near 1.
+    fn fill_weights(&mut self) {
+        let mut index = 0u64;
+        let mut total = 0u64;
+        // SAFETY: iterating the tensors of our own context.
+        let mut t = unsafe { sys::ggml_get_first_tensor(self.ctx.as_ptr()) };
+        while !t.is_null() {
+            // SAFETY: every tensor was allocated in our host buffer.
+            let (ty, ne0, n) = unsafe { ((*t).type_, (*t).ne[0], sys::ggml_nelements(t)) };
+            let mut state = self.config.seed ^ (index.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+            let is_norm = unsafe { sys::ggml_n_dims(t) } == 1;
+            let scale = 1.0 / (ne0 as f32).sqrt();
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                    if is_norm {
+                        1.0 + 0.1 * unit
+                    } else {
+                        unit * scale
+                    }
+                })
+                .collect();
+            // SAFETY: `data` holds n elements of type `ty` (f32 or f16), allocated above.
+            unsafe {
+                if ty == sys::GGML_TYPE_F16 {
+                    sys::ggml_fp32_to_fp16_row(values.as_ptr(), (*t).data.cast(), n);
+                } else {
+                    std::ptr::copy_nonoverlapping(
+                        values.as_ptr(),
+                        (*t).data.cast::<f32>(),
+                        n as usize,
+                    );
+                }
+                total += sys::ggml_nbytes(t) as u64;
+                t = sys::ggml_get_next_tensor(self.ctx.as_ptr(), t);
+            }
+            index += 1;
+        }
+        self.weight_bytes = total;
+    }
+
+    pub fn context(&self) -> *mut sys::ggml_context {
+        self.ctx.as_ptr()
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    fn token_ids(&self) -> Vec<u8> {
+        let ids: Vec<i32> = (0..self.config.tokens)
+            .map(|i| ((i * 7919 + 13) % self.config.vocab) as i32)
+            .collect();
+        ids.iter().flat_map(|v| v.to_ne_bytes()).collect()
+    }
+
+    /// # Safety
+    /// `ctx` is a valid no-alloc context.
+    unsafe fn norm(
+        &self,
+        ctx: *mut sys::ggml_context,
+        x: *mut sys::ggml_tensor,
+        w: *mut sys::ggml_tensor,
+    ) -> *mut sys::ggml_tensor {
+        // SAFETY: graph construction on a valid context.
+        unsafe { sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, 1e-5), w) }
+    }
+
+    /// # Safety
+    /// `ctx` is a valid no-alloc context; `x` is the [hidden, tokens] activation.
+    unsafe fn attention(
+        &self,
+        ctx: *mut sys::ggml_context,
+        x: *mut sys::ggml_tensor,
+        w: &LayerWeights,
+    ) -> *mut sys::ggml_tensor {
+        let (h, nh, t) = (self.config.hidden, self.config.heads, self.config.tokens);
+        let hd = h / nh;
+        // SAFETY: graph construction with shapes that match by construction.
+        unsafe {
+            let q = sys::ggml_mul_mat(ctx, w.mats[0], x);
+            let k = sys::ggml_mul_mat(ctx, w.mats[1], x);
+            let v = sys::ggml_mul_mat(ctx, w.mats[2], x);
+            let q = sys::ggml_permute(ctx, sys::ggml_reshape_3d(ctx, q, hd, nh, t), 0, 2, 1, 3);
+            let k = sys::ggml_permute(ctx, sys::ggml_reshape_3d(ctx, k, hd, nh, t), 0, 2, 1, 3);
+            let v = sys::ggml_cont(
+                ctx,
+                sys::ggml_permute(ctx, sys::ggml_reshape_3d(ctx, v, hd, nh, t), 1, 2, 0, 3),
+            );
+            let kq = sys::ggml_mul_mat(ctx, k, q);
+            let kq = sys::ggml_soft_max_ext(
+                ctx,
+                kq,
+                std::ptr::null_mut(),
+                1.0 / (hd as f32).sqrt(),
+                0.0,
+            );
+            let kqv = sys::ggml_mul_mat(ctx, v, kq);
+            let merged = sys::ggml_cont(ctx, sys::ggml_permute(ctx, kqv, 0, 2, 1, 3));
+            sys::ggml_mul_mat(ctx, w.mats[3], sys::ggml_reshape_2d(ctx, merged, h, t))
+        }
+    }
+}
+
+impl LayeredModel for DemoModel {
+    fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn activation_shape(&self) -> [i64; 2] {
+        [self.config.hidden, self.config.tokens]
+    }
+
+    unsafe fn build_input(
+        &self,
+        ctx: *mut sys::ggml_context,
+    ) -> (*mut sys::ggml_tensor, Vec<InputFill>) {
+        // SAFETY: graph construction on a valid context.
+        unsafe {
+            let ids = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, self.config.tokens);
+            sys::ggml_set_input(ids);
+            let x = sys::ggml_get_rows(ctx, self.token_embd, ids);
+            (
+                x,
+                vec![InputFill {
+                    tensor: ids,
+                    bytes: self.token_ids(),
+                }],
+            )
+        }
+    }
+
+    unsafe fn build_layer(
+        &self,
+        ctx: *mut sys::ggml_context,
+        layer: usize,
+        x: *mut sys::ggml_tensor,
+    ) -> *mut sys::ggml_tensor {
+        let w = &self.layers[layer];
+        // SAFETY: graph construction on a valid context with matching shapes.
+        unsafe {
+            match w.kind {
+                BlockKind::Decoder => {
+                    let h = self.norm(ctx, x, w.norms[0]);
+                    let x = sys::ggml_add(ctx, x, self.attention(ctx, h, w));
+                    let h = self.norm(ctx, x, w.norms[1]);
+                    let gate = sys::ggml_silu(ctx, sys::ggml_mul_mat(ctx, w.mats[4], h));
+                    let up = sys::ggml_mul_mat(ctx, w.mats[5], h);
+                    sys::ggml_add(
+                        ctx,
+                        x,
+                        sys::ggml_mul_mat(ctx, w.mats[6], sys::ggml_mul(ctx, gate, up)),
+                    )
+                }
+                BlockKind::Mlp => {
+                    let mut x = x;
+                    for (pair, norm) in w.mats.chunks(2).zip(w.norms.iter()) {
+                        let h = self.norm(ctx, x, *norm);
+                        let inner = sys::ggml_gelu(ctx, sys::ggml_mul_mat(ctx, pair[0], h));
+                        x = sys::ggml_add(ctx, x, sys::ggml_mul_mat(ctx, pair[1], inner));
+                    }
+                    x
+                }
+            }
+        }
+    }
+
+    unsafe fn build_output(
+        &self,
+        ctx: *mut sys::ggml_context,
+        x: *mut sys::ggml_tensor,
+    ) -> *mut sys::ggml_tensor {
+        // SAFETY: graph construction on a valid context.
+        unsafe { sys::ggml_mul_mat(ctx, self.output, self.norm(ctx, x, self.output_norm)) }
+    }
+}
+
+impl Drop for DemoModel {
+    fn drop(&mut self) {
+        // SAFETY: we own the buffer and the context; engines using these tensors are gone
+        // (they borrow the model and are dropped first).
+        unsafe {
+            sys::ggml_backend_buffer_free(self.buffer.as_ptr());
+            sys::ggml_free(self.ctx.as_ptr());
+        }
+    }
+}
+
+/// FNV-1a over the output bytes: a short fingerprint to print; equality is checked on bytes.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Runs `passes` forward passes fully resident without any engine: the reference.
+pub fn run_reference(model: &DemoModel, backend: &Backend, passes: usize) -> Result<Vec<u8>> {
+    let mut executor = crate::executor::Executor::new(backend, model.activation_shape())?;
+    let mut out = Vec::new();
+    for _ in 0..passes.max(1) {
+        out = executor.run_pass(model, None)?;
+    }
+    Ok(out)
+}
+
+/// What one engine-driven run produced.
+pub struct RunResult {
+    pub output: Vec<u8>,
+    pub pass_seconds: Vec<f64>,
+    pub stats: crate::stream::StreamStats,
+    pub plan: crate::planner::Plan,
+    pub overlap_us: u64,
+}
+
+/// Runs `passes` forward passes of `model` through an engine with the given budget.
+pub fn run_with_engine(
+    model: &DemoModel,
+    mut params: crate::engine::EngineParams,
+    workload: &crate::planner::Workload,
+    passes: usize,
+    trace_path: Option<&std::path::Path>,
+) -> Result<RunResult> {
+    params.trace = params.trace || trace_path.is_some();
+    let mut engine = crate::engine::Engine::new(params)?;
+    // SAFETY: the model's context and tensors outlive the engine (dropped at the end here).
+    unsafe { engine.register_context(model.context())? };
+    let link = crate::planner::Link::named("ddr4")?;
+    let plan = engine.prepare(workload, &link)?.clone();
+    let mut executor = crate::executor::Executor::new(engine.backend(), model.activation_shape())?;
+    let mut output = Vec::new();
+    let mut pass_seconds = Vec::with_capacity(passes);
+    for _ in 0..passes.max(1) {
+        let start = std::time::Instant::now();
+        output = executor.run_pass(model, Some(&mut engine))?;
+        pass_seconds.push(start.elapsed().as_secs_f64());
+    }
+    let stats = engine.stats()?;
+    let overlap_us = engine
+        .streamer_ref()
+        .map(|s| s.trace.overlap_us())
+        .unwrap_or(0);
+    if let Some(path) = trace_path {
+        engine.write_trace(path)?;
+    }
+    drop(executor);
+    drop(engine);
+    Ok(RunResult {
+        output,
+        pass_seconds,
+        stats,
+        plan,
+        overlap_us,
+    })
+}
+
+pub struct DemoOptions {
+    pub budget: Option<u64>,
+    pub prefetch: u32,
+    pub passes: usize,
+    pub trace: Option<std::path::PathBuf>,
+    pub device: Option<String>,
+    pub threads: i32,
+    pub tiny: bool,
+}
+
+fn mean_ms(seconds: &[f64]) -> f64 {
+    seconds.iter().sum::<f64>() / seconds.len().max(1) as f64 * 1e3
+}
+
+/// The README's main job: the demo model fully resident, then streamed, outputs compared.
+pub fn run_demo(options: &DemoOptions) -> Result<()> {
+    use crate::units::format_bytes;
+    let config = if options.tiny {
+        DemoConfig::tiny(Architecture::Llama)
+    } else {
+        DemoConfig::default_llama()
+    };
+    println!(
+        "building the demo model: {} layers, hidden {}, ffn {}, {} tokens",
+        config.layers, config.hidden, config.ffn, config.tokens
+    );
+    let model = DemoModel::new(config)?;
+    let weights = model.weight_bytes();
+    println!(
+        "weights: {} (f16 matrices, f32 norms)",
+        format_bytes(weights)
+    );
+    let params = |budget: u64, depth: u32| crate::engine::EngineParams {
+        device: options.device.clone(),
+        budget_bytes: Some(budget),
+        prefetch_depth: depth,
+        compute_threads: options.threads,
+        ..Default::default()
+    };
+    let workload = crate::planner::Workload {
+        steps: options.passes.max(1) as u32,
+        passes_per_step: 1,
+        prefetch_depth: options.prefetch,
+        ..Default::default()
+    };
+
+    println!("\n== fully resident run ==");
+    let resident = run_with_engine(
+        &model,
+        params(weights.saturating_mul(2), options.prefetch),
+        &workload,
+        options.passes,
+        None,
+    )?;
+    println!(
+        "plan: {} ({})",
+        resident.plan.mode.as_str(),
+        resident.plan.message
+    );
+    for (i, s) in resident.pass_seconds.iter().enumerate() {
+        println!("  pass {i}: {:.1} ms", s * 1e3);
+    }
+
+    let budget = options.budget.unwrap_or(weights / 3);
+    println!("\n== streamed run, budget {} ==", format_bytes(budget));
+    let streamed = run_with_engine(
+        &model,
+        params(budget, options.prefetch),
+        &workload,
+        options.passes,
+        options.trace.as_deref(),
+    )?;
+    let plan = &streamed.plan;
+    println!(
+        "plan: {}: {} layers resident, {} streamed through {} slots of {} (prefetch depth {})",
+        plan.mode.as_str(),
+        plan.resident_layers.len(),
+        plan.streamed_layers.len(),
+        plan.slot_count,
+        format_bytes(plan.slot_bytes),
+        options.prefetch
+    );
+    println!("      {}", plan.message);
+    for (i, s) in streamed.pass_seconds.iter().enumerate() {
+        println!("  pass {i}: {:.1} ms", s * 1e3);
+    }
+    let stats = &streamed.stats;
+    println!(
+        "moved {} in {} layer loads ({} per pass); copy {:.1} ms, waited {:.1} ms, compute {:.1} ms; arena {}",
+        format_bytes(stats.bytes_copied),
+        stats.layer_loads,
+        format_bytes(stats.bytes_copied / stats.passes.max(1)),
+        stats.copy_us as f64 / 1e3,
+        stats.wait_us as f64 / 1e3,
+        stats.compute_us as f64 / 1e3,
+        format_bytes(stats.arena_bytes)
+    );
+    if let Some(path) = &options.trace {
+        println!(
+            "trace written to {} (copy/compute overlap {:.1} ms)",
+            path.display(),
+            streamed.overlap_us as f64 / 1e3
+        );
+    }
+    let identical = resident.output == streamed.output;
+    println!(
+        "\nresident {:.1} ms/pass, streamed {:.1} ms/pass; output checksum {:016x} vs {:016x}: {}",
+        mean_ms(&resident.pass_seconds),
+        mean_ms(&streamed.pass_seconds),
+        checksum(&resident.output),
+        checksum(&streamed.output),
+        if identical {
+            "bit-identical"
+        } else {
+            "DIFFERENT"
+        }
+    );
+    if identical {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Status::Internal,
+            "streamed output differs from the resident run",
+        ))
+    }
+}

@@ -1,0 +1,468 @@
+//! The engine: a device, a registry of the host's weight tensors, a plan, and the streamer
+//! that carries it out. This is the object behind `offload_engine_engine*` in the C ABI.
+
+use std::ffi::CStr;
+use std::time::Instant;
+
+use crate::backend::{Backend, Device};
+use crate::error::{Error, Result, Status};
+use crate::ggml as sys;
+use crate::planner::{self, Budget, LayerCost, Link, ModelCost, Plan, Workload};
+use crate::registry::{Location, Registry, Source, TensorDesc, TensorId};
+use crate::stream::{layout_layer, LayerImage, StreamConfig, StreamStats, Streamer, TensorPlace};
+
+/// Alignment of tensors inside layer images; a multiple of every ggml backend's alignment.
+const IMAGE_ALIGNMENT: u64 = 256;
+
+#[derive(Debug, Clone)]
+pub struct EngineParams {
+    /// ggml device name ("CPU", "CUDA0", ...); `None` picks the first GPU, else the CPU.
+    pub device: Option<String>,
+    /// Device memory the engine may assume free; `None` measures it from the device.
+    pub budget_bytes: Option<u64>,
+    pub min_free_bytes: u64,
+    pub safety_fraction: f64,
+    pub prefetch_depth: u32,
+    pub compute_threads: i32,
+    pub trace: bool,
+    /// Built-in pattern name or user regex; `None` detects the architecture.
+    pub pattern: Option<String>,
+}
+
+impl Default for EngineParams {
+    fn default() -> Self {
+        EngineParams {
+            device: None,
+            budget_bytes: None,
+            min_free_bytes: 512 << 20,
+            safety_fraction: 0.90,
+            prefetch_depth: 1,
+            compute_threads: 1,
+            trace: false,
+            pattern: None,
+        }
+    }
+}
+
+pub struct Engine {
+    params: EngineParams,
+    device: Device,
+    backend: Backend,
+    registry: Registry,
+    plan: Option<Plan>,
+    streamer: Option<Streamer>,
+    /// Extra bytes the host reserves (compute buffers, KV cache) declared before planning.
+    reserve_bytes: u64,
+    profile: bool,
+    pass_started: Option<Instant>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("device", &self.device.name)
+            .field("registry", &self.registry)
+            .field("planned", &self.plan.is_some())
+            .finish()
+    }
+}
+
+impl Engine {
+    pub fn new(params: EngineParams) -> Result<Engine> {
+        let pattern = params
+            .pattern
+            .as_deref()
+            .map(Registry::pattern_from_arg)
+            .transpose()?;
+        Engine::with_registry(params, Registry::new(pattern))
+    }
+
+    /// An engine over an existing registry (its tensor ids stay valid here).
+    pub fn with_registry(params: EngineParams, registry: Registry) -> Result<Engine> {
+        if !(params.safety_fraction > 0.0 && params.safety_fraction <= 1.0) {
+            return Err(Error::invalid(format!(
+                "safety fraction {} must be in (0, 1]",
+                params.safety_fraction
+            )));
+        }
+        if params.prefetch_depth > 64 {
+            return Err(Error::invalid(format!(
+                "prefetch depth {} is larger than 64",
+                params.prefetch_depth
+            )));
+        }
+        let device = Device::select(params.device.as_deref())?;
+        let backend = device.init_backend()?;
+        backend.set_threads(params.compute_threads);
+        Ok(Engine {
+            profile: std::env::var_os("OFFLOAD_ENGINE_PROFILE").is_some_and(|v| v != "0"),
+            params,
+            device,
+            backend,
+            registry,
+            plan: None,
+            streamer: None,
+            reserve_bytes: 0,
+            pass_started: None,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute backend the host should run its graphs on.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    pub fn params(&self) -> &EngineParams {
+        &self.params
+    }
+
+    /// Sets the device memory the engine may use (instead of measuring free memory).
+    pub fn set_budget(&mut self, bytes: u64) {
+        self.params.budget_bytes = Some(bytes);
+    }
+
+    /// Declares device memory the host needs besides the weights (compute buffer, KV cache).
+    pub fn set_reserve(&mut self, bytes: u64) -> Result<()> {
+        if self.plan.is_some() {
+            return Err(Error::state("set the reserve before planning"));
+        }
+        self.reserve_bytes = bytes;
+        Ok(())
+    }
+
+    /// Registers a host tensor. Its data must be in host memory and stay alive (and at the
+    /// same address) until the engine is freed.
+    ///
+    /// # Safety
+    /// `tensor` must point to a valid `ggml_tensor` that outlives the engine.
+    pub unsafe fn register_tensor(
+        &mut self,
+        tensor: *mut sys::ggml_tensor,
+        name: Option<&str>,
+    ) -> Result<TensorId> {
+        if tensor.is_null() {
+            return Err(Error::new(Status::NullPointer, "tensor is NULL"));
+        }
+        // SAFETY: the caller guarantees a valid tensor.
+        let t = unsafe { &*tensor };
+        let owned_name;
+        let name = match name {
+            Some(n) => n,
+            None => {
+                // SAFETY: ggml tensor names are NUL-terminated within the fixed array.
+                owned_name = unsafe { CStr::from_ptr(t.name.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned();
+                &owned_name
+            }
+        };
+        if t.data.is_null() {
+            return Err(Error::invalid(format!(
+                "tensor '{name}' has no data: load the weights into host memory before registering"
+            )));
+        }
+        if !t.buffer.is_null() {
+            // SAFETY: a non-null buffer of a valid tensor.
+            let host = unsafe { sys::ggml_backend_buffer_is_host(t.buffer) };
+            if !host {
+                return Err(Error::new(
+                    Status::Unsupported,
+                    format!("tensor '{name}' lives in device memory; register weights while they are in host memory"),
+                ));
+            }
+        }
+        let dims: Vec<u64> = t.ne.iter().map(|&d| d.max(0) as u64).collect();
+        // SAFETY: a valid tensor.
+        let bytes = unsafe { sys::ggml_nbytes(tensor) } as u64;
+        self.registry.add(TensorDesc {
+            name,
+            ggml_type: t.type_,
+            dims: &dims,
+            bytes,
+            source: Source::Ggml(tensor),
+            location: Location::Host,
+        })
+    }
+
+    /// Registers every tensor of a ggml context.
+    ///
+    /// # Safety
+    /// `ctx` must be a valid context whose tensors outlive the engine.
+    pub unsafe fn register_context(&mut self, ctx: *mut sys::ggml_context) -> Result<usize> {
+        if ctx.is_null() {
+            return Err(Error::new(Status::NullPointer, "context is NULL"));
+        }
+        let mut count = 0;
+        // SAFETY: iterating a valid context.
+        let mut t = unsafe { sys::ggml_get_first_tensor(ctx) };
+        while !t.is_null() {
+            // SAFETY: tensors of a valid context.
+            unsafe { self.register_tensor(t, None)? };
+            count += 1;
+            // SAFETY: as above.
+            t = unsafe { sys::ggml_get_next_tensor(ctx, t) };
+        }
+        Ok(count)
+    }
+
+    /// The budget this engine plans with: the user's figure, else the device's free memory.
+    pub fn budget(&self) -> Budget {
+        let free = self
+            .params
+            .budget_bytes
+            .unwrap_or_else(|| self.device.memory().0);
+        let mut budget = Budget::from_free(free);
+        budget.total_bytes = self.device.memory().1.max(free);
+        budget.min_free_bytes = if self.params.budget_bytes.is_some() {
+            0 // an explicit budget is what the user allows us, already net of headroom
+        } else {
+            self.params.min_free_bytes
+        };
+        budget.safety_fraction = if self.params.budget_bytes.is_some() {
+            1.0
+        } else {
+            self.params.safety_fraction
+        };
+        budget.compute_reserve_bytes = self.reserve_bytes;
+        budget
+    }
+
+    fn layer_images(&mut self) -> Result<(Vec<LayerImage>, LayerImage)> {
+        self.registry.freeze();
+        let layers = self.registry.grouped_layers()?.to_vec();
+        let global = self.registry.global_tensors().to_vec();
+        let mut images = Vec::with_capacity(layers.len());
+        for layer in &layers {
+            images.push(layout_layer(
+                &layer.name,
+                self.places(&layer.tensors)?,
+                IMAGE_ALIGNMENT,
+            ));
+        }
+        let global_image = layout_layer("global", self.places(&global)?, IMAGE_ALIGNMENT);
+        Ok((images, global_image))
+    }
+
+    fn places(&self, ids: &[TensorId]) -> Result<Vec<TensorPlace>> {
+        ids.iter()
+            .map(|&id| {
+                let entry = self.registry.tensor(id)?;
+                match entry.source {
+                    Source::Ggml(tensor) => {
+                        // SAFETY: registered tensors are valid for the engine's lifetime.
+                        let t = unsafe { &*tensor };
+                        Ok(TensorPlace {
+                            tensor,
+                            home_data: t.data,
+                            home_buffer: t.buffer,
+                            offset: 0,
+                            bytes: entry.bytes,
+                        })
+                    }
+                    _ => Err(Error::new(
+                        Status::Unsupported,
+                        format!(
+                            "tensor '{}' is a descriptor only; streaming needs ggml tensors registered from the host",
+                            entry.name
+                        ),
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// Plans residency for `workload`, allocates the device arena once and places the
+    /// resident layers. Returns the plan; an impossible budget is `InsufficientMemory`.
+    pub fn prepare(&mut self, workload: &Workload, link: &Link) -> Result<&Plan> {
+        if self.streamer.is_some() {
+            return Err(Error::state(
+                "the engine is already prepared (free it and create a new one to re-plan)",
+            ));
+        }
+        let (images, global_image) = self.layer_images()?;
+        let model = ModelCost {
+            layers: images
+                .iter()
+                .map(|img| LayerCost {
+                    name: img.name.clone(),
+                    bytes: img.image_bytes,
+                    once_bytes: 0,
+                    compute_seconds: None,
+                })
+                .collect(),
+            global_bytes: global_image.image_bytes,
+        };
+        let budget = self.budget();
+        let mut plan = planner::plan(&model, &budget, workload, link)?.into_result()?;
+        let config = StreamConfig {
+            prefetch_depth: workload.prefetch_depth,
+            trace: self.params.trace,
+        };
+        // The device may refuse the arena even when the numbers said it fits (fragmentation,
+        // another process): retry with fewer resident layers before giving up.
+        loop {
+            let mut resident = vec![false; images.len()];
+            for &l in &plan.resident_layers {
+                resident[l] = true;
+            }
+            let mut all_images = images.clone();
+            all_images.push(global_image.clone());
+            resident.push(true);
+            match Streamer::new(
+                &self.device,
+                Some(self.backend.raw()),
+                all_images,
+                &resident,
+                plan.slot_count as usize,
+                &config,
+            ) {
+                Ok(streamer) => {
+                    for layer in 0..images.len() {
+                        let location = if resident[layer] {
+                            Location::Device
+                        } else {
+                            Location::Host
+                        };
+                        self.registry.set_layer_location(layer, location)?;
+                    }
+                    self.streamer = Some(streamer);
+                    break;
+                }
+                Err(err)
+                    if err.status == Status::OutOfMemory && !plan.resident_layers.is_empty() =>
+                {
+                    let dropped = plan.resident_layers.pop().expect("not empty");
+                    log::warn!(
+                        "device allocation failed ({}); retrying with layer {} streamed",
+                        err.message,
+                        dropped
+                    );
+                    plan.streamed_layers.push(dropped);
+                    plan.streamed_layers.sort_unstable();
+                    if plan.slot_count == 0 {
+                        plan.slot_count = workload.prefetch_depth.max(0) + 1;
+                    }
+                    plan.mode = planner::Mode::Streaming;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        self.plan = Some(plan);
+        Ok(self.plan.as_ref().expect("just set"))
+    }
+
+    fn streamer(&mut self) -> Result<&mut Streamer> {
+        self.streamer
+            .as_mut()
+            .ok_or_else(|| Error::state("the engine has no plan yet (call prepare first)"))
+    }
+
+    pub fn streamer_ref(&self) -> Option<&Streamer> {
+        self.streamer.as_ref()
+    }
+
+    /// Number of host-visible layers (the global group is not one).
+    pub fn layer_count(&mut self) -> usize {
+        self.registry.layer_count()
+    }
+
+    pub fn begin_pass(&mut self) -> Result<()> {
+        self.streamer()?.begin_pass()?;
+        self.pass_started = Some(Instant::now());
+        Ok(())
+    }
+
+    pub fn end_pass(&mut self) -> Result<()> {
+        self.streamer()?.end_pass()?;
+        if self.profile {
+            let elapsed = self.pass_started.map(|t| t.elapsed()).unwrap_or_default();
+            let stats = self.streamer()?.stats();
+            eprintln!(
+                "offload-engine: pass {} {:.2} ms, loads {}, copied {}, wait {} us, copy {} us, compute {} us",
+                stats.passes,
+                elapsed.as_secs_f64() * 1e3,
+                stats.layer_loads,
+                crate::units::format_bytes(stats.bytes_copied),
+                stats.wait_us,
+                stats.copy_us,
+                stats.compute_us
+            );
+        }
+        Ok(())
+    }
+
+    fn check_host_layer(&mut self, layer: usize) -> Result<()> {
+        let count = self.registry.layer_count();
+        if layer >= count {
+            return Err(Error::not_found(format!(
+                "layer {layer} out of range (model has {count} layers)"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn begin_layer(&mut self, layer: usize) -> Result<()> {
+        self.check_host_layer(layer)?;
+        self.streamer()?.begin_layer(layer)
+    }
+
+    pub fn end_layer(&mut self, layer: usize) -> Result<()> {
+        self.check_host_layer(layer)?;
+        self.streamer()?.end_layer(layer)
+    }
+
+    /// Waits for in-flight copies and points streamed layers back at their host homes.
+    pub fn offload_all(&mut self) -> Result<()> {
+        self.streamer()?.offload_all();
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Result<StreamStats> {
+        self.streamer
+            .as_ref()
+            .map(Streamer::stats)
+            .ok_or_else(|| Error::state("the engine has no plan yet (call prepare first)"))
+    }
+
+    pub fn reset_stats(&mut self) -> Result<()> {
+        self.streamer()?.reset_stats();
+        Ok(())
+    }
+
+    pub fn write_trace(&self, path: &std::path::Path) -> Result<()> {
+        let streamer = self
+            .streamer
+            .as_ref()
+            .ok_or_else(|| Error::state("no trace: the engine has no plan yet"))?;
+        if !streamer.trace.enabled() {
+            return Err(Error::state(
+                "tracing is off (enable it in the engine parameters)",
+            ));
+        }
+        streamer.trace.write(path)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The streamer restores every tensor to its host home and joins the copy thread
+        // before the arena and backends go.
+        self.streamer.take();
+    }
+}

@@ -1,0 +1,659 @@
+//! Planner tests: the required Qwen2-1.5B mode test, traffic against cache simulations on random
+//! models, the time model, bad input, and speed.
+
+use super::*;
+
+const GIB: u64 = 1 << 30;
+const QWEN2_1_5B_F32: &str =
+    "hidden=1536,layers=28,heads=12,kv_heads=2,vocab=151936,ffn=8960,context=2048,type=f32,kv_type=f32";
+
+fn pcie4() -> Link {
+    Link::named("pcie4-x16").unwrap()
+}
+
+fn layers(sizes: &[u64]) -> ModelCost {
+    ModelCost {
+        layers: sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| LayerCost {
+                name: format!("blk.{i}"),
+                bytes: b,
+                once_bytes: 0,
+                compute_seconds: None,
+            })
+            .collect(),
+        global_bytes: 0,
+    }
+}
+
+/// A budget with no margins: `usable_bytes() == free`.
+fn exact_budget(free: u64) -> Budget {
+    Budget {
+        min_free_bytes: 0,
+        safety_fraction: 1.0,
+        ..Budget::from_free(free)
+    }
+}
+
+fn invalid<T: std::fmt::Debug>(r: Result<T>) -> String {
+    let err = r.unwrap_err();
+    assert_eq!(err.status, Status::InvalidArgument, "{}", err.message);
+    err.message
+}
+
+/// splitmix64: a tiny deterministic generator for the randomized tests.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+#[test]
+fn qwen2_1_5b_f32_is_full_at_12g_streaming_at_2g_insufficient_at_512m() {
+    let hp = Hparams::parse(QWEN2_1_5B_F32).unwrap();
+    let model = hp.to_model_cost();
+    let w = Workload::default();
+
+    // 12 GiB: usable = min(0.9 * 12 GiB, 12 GiB - 512 MiB) = 11_596_411_699 >= 6_292_068_352.
+    let p = plan(&model, &Budget::from_free(12 * GIB), &w, &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Full, "{}", p.message);
+    assert_eq!(p.usable_bytes, 11_596_411_699);
+    assert_eq!(p.full_cache_bytes, 6_292_068_352);
+    assert_eq!(p.resident_layers.len(), 28);
+    assert_eq!(p.bytes_per_step, 0);
+    assert!(p.message.starts_with("full"));
+
+    // 2 GiB: usable = min(1_932_735_283, 1_610_612_736) = 1_610_612_736 (1.5 GiB).
+    // Full needs 6_292_068_352; streaming with 2 slots needs 933_500_928 + 117_440_512
+    // + 2 * 187_183_104 = 1_425_307_648. The 185_305_088 left over is 1_878_016 short of a
+    // layer, so all 28 layers stream.
+    let p = plan(&model, &Budget::from_free(2 * GIB), &w, &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Streaming, "{}", p.message);
+    assert_eq!(p.usable_bytes, 1_610_612_736);
+    assert_eq!(p.streaming_bytes, 1_425_307_648);
+    assert_eq!(p.slot_count, 2);
+    assert_eq!(p.slot_bytes, 187_183_104);
+    assert_eq!(p.streamed_layers.len(), 28);
+    assert_eq!(p.device_bytes, 1_425_307_648);
+    assert_eq!(p.bytes_per_step, 28 * 187_183_104);
+    assert_eq!(p.layer_loads_per_run, 28);
+    // Transfer-bound (no compute times): 28 copies of 187 MB at 24 GB/s plus 10 us each.
+    let t = 28.0 * (187_183_104.0 / 24e9 + 10e-6);
+    assert!((p.predicted_step_seconds - t).abs() < 1e-9);
+    assert!(!p.compute_measured);
+
+    // 512 MiB: free - min_free = 0, so nothing is usable.
+    let p = plan(&model, &Budget::from_free(512 << 20), &w, &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Insufficient);
+    assert_eq!(p.usable_bytes, 0);
+    assert!(
+        p.message.contains("Full mode needs 5.86 GiB"),
+        "{}",
+        p.message
+    );
+    assert!(
+        p.message.contains("streaming needs 1.33 GiB"),
+        "{}",
+        p.message
+    );
+    let err = p.into_result().unwrap_err();
+    assert_eq!(err.status, Status::InsufficientMemory);
+}
+
+#[test]
+fn usable_bytes_applies_fraction_min_free_and_reserves() {
+    let mut b = Budget::from_free(10 * GIB);
+    // 0.9 * 10 GiB = 9_663_676_416 < 10 GiB - 512 MiB = 10_200_547_328.
+    assert_eq!(b.usable_bytes(), 9_663_676_416);
+    b.compute_reserve_bytes = GIB;
+    b.persistent_bytes = GIB;
+    assert_eq!(b.usable_bytes(), 9_663_676_416 - 2 * GIB);
+    // Small free: the 512 MiB floor decides: min(0.9 GiB, 0.5 GiB) = 0.5 GiB.
+    assert_eq!(Budget::from_free(GIB).usable_bytes(), 512 << 20);
+    // Reserves larger than what is left saturate at 0.
+    let tiny = Budget {
+        compute_reserve_bytes: 10 * GIB,
+        ..Budget::from_free(GIB)
+    };
+    assert_eq!(tiny.usable_bytes(), 0);
+}
+
+#[test]
+fn plan_never_moves_more_than_belady_on_random_models() {
+    let mut rng = Rng(0x5eed);
+    let mut streaming_cases = 0;
+    let mut strictly_better = 0;
+    for case in 0..300 {
+        let n = rng.range(2, 18) as usize;
+        let mut model = layers(&vec![0; n]);
+        for l in &mut model.layers {
+            l.bytes = rng.range(1, 64) << 20;
+            if rng.range(0, 4) == 0 {
+                l.once_bytes = l.bytes / 4;
+            }
+        }
+        model.global_bytes = rng.range(0, 256) << 20;
+        let workload = Workload {
+            steps: rng.range(1, 6) as u32,
+            passes_per_step: rng.range(1, 2) as u32,
+            prefetch_depth: rng.range(0, 2) as u32,
+            activation_bytes_per_layer: 0,
+        };
+        let total: u64 = model.layers.iter().map(|l| l.bytes).sum();
+        let biggest = model.layers.iter().map(|l| l.bytes).max().unwrap();
+        let free = model.global_bytes + rng.range(biggest, total + biggest);
+        let budget = exact_budget(free);
+        let p = plan(&model, &budget, &workload, &pcie4()).unwrap();
+        assert_ne!(p.mode, Mode::Insufficient, "case {case}");
+        // The plan's accounting is what a static placement really moves.
+        let mut resident = vec![false; n];
+        for &i in &p.resident_layers {
+            resident[i] = true;
+        }
+        let own = static_traffic(&model, &workload, &resident);
+        assert_eq!(own.bytes_moved, p.bytes_per_run, "case {case}");
+        assert_eq!(own.loads, p.layer_loads_per_run, "case {case}");
+        assert!(
+            p.device_bytes <= free,
+            "case {case}: {} > {free}",
+            p.device_bytes
+        );
+        if p.mode == Mode::Full {
+            assert_eq!(p.bytes_per_run, total);
+            continue;
+        }
+        streaming_cases += 1;
+        let capacity = p.usable_bytes - p.global_bytes - p.slot_count as u64 * p.slot_bytes;
+        let belady = simulate_belady(&model, &workload, capacity);
+        let lru = simulate_lru(&model, &workload, capacity);
+        assert!(
+            p.bytes_per_run <= belady.bytes_moved,
+            "case {case}: plan {} > belady {} (capacity {capacity}) sizes {:?} once {:?} global {} usable {} resident {:?} slots {} x {} workload {:?}",
+            p.bytes_per_run,
+            belady.bytes_moved,
+            model.layers.iter().map(|l| l.bytes >> 20).collect::<Vec<_>>(),
+            model.layers.iter().map(|l| l.once_bytes).collect::<Vec<_>>(),
+            model.global_bytes, p.usable_bytes, p.resident_layers, p.slot_count, p.slot_bytes >> 20, workload
+        );
+        assert!(belady.bytes_moved <= lru.bytes_moved, "case {case}");
+        if p.bytes_per_run < belady.bytes_moved {
+            strictly_better += 1;
+        }
+    }
+    assert!(streaming_cases > 100, "{streaming_cases}");
+    // Not a requirement, but the knapsack should beat in-order caching now and then.
+    assert!(strictly_better > 0);
+}
+
+#[test]
+fn full_capacity_means_no_loads_after_warm_up() {
+    let model = layers(&[100, 200, 300]);
+    let workload = Workload {
+        steps: 50,
+        passes_per_step: 2,
+        ..Workload::default()
+    };
+    let p = plan(&model, &exact_budget(1000), &workload, &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Full);
+    assert_eq!(p.layer_loads_per_run, 3);
+    assert_eq!(p.bytes_per_run, 600);
+    assert_eq!(p.bytes_per_pass, 0);
+    for t in [
+        simulate_belady(&model, &workload, 600),
+        simulate_lru(&model, &workload, 600),
+    ] {
+        assert_eq!(t.loads, t.first_pass_loads);
+        assert_eq!(t.bytes_moved, 600);
+    }
+}
+
+#[test]
+fn once_bytes_are_paid_once_per_run() {
+    // Seed 001's action expert in miniature: 10 steps; layer 1 carries 4 MB of cross-attention
+    // K/V read once. Nothing fits beyond the two slots.
+    let mut model = layers(&[6_000_000, 10_000_000, 6_000_000]);
+    model.layers[1].once_bytes = 4_000_000;
+    let workload = Workload {
+        steps: 10,
+        ..Workload::default()
+    };
+    let p = plan(&model, &exact_budget(20_000_000), &workload, &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Streaming);
+    assert_eq!(p.slot_bytes, 10_000_000);
+    assert!(p.resident_layers.is_empty());
+    assert_eq!(p.bytes_per_pass, 6_000_000 + 6_000_000 + 6_000_000);
+    assert_eq!(p.bytes_per_step, 18_000_000);
+    // First pass 22 MB, then 9 passes of 18 MB.
+    assert_eq!(p.bytes_per_run, 22_000_000 + 9 * 18_000_000);
+    assert_eq!(p.layer_loads_per_run, 30);
+}
+
+#[test]
+fn residents_are_chosen_by_reread_bytes_not_size() {
+    // Two slots of 10 leave 16 for residents: keeping the two 8s (16 re-read bytes) beats
+    // keeping the 10-byte layer that is mostly read once (2 re-read bytes).
+    let mut model = layers(&[10, 8, 8, 10]);
+    model.layers[0].once_bytes = 8;
+    let workload = Workload {
+        steps: 5,
+        ..Workload::default()
+    };
+    let p = plan(&model, &exact_budget(36), &workload, &pcie4()).unwrap();
+    assert_eq!(p.resident_layers, vec![1, 2]);
+    assert_eq!(p.streamed_layers, vec![0, 3]);
+}
+
+#[test]
+fn time_model_overlaps_with_prefetch_and_serialises_without() {
+    // Ten 1 GB layers, 1 s of compute each, a 1 GB/s link without latency: c = t = 1 s.
+    let mut model = layers(&[1_000_000_000; 10]);
+    calibrate(&mut model, &[1.0; 10]).unwrap();
+    let link = Link {
+        name: "test".into(),
+        bandwidth_bytes_per_s: 1e9,
+        latency_s: 0.0,
+        measured: true,
+    };
+    let depth1 = Workload::default();
+    // Usable 2.5 GB: two slots and no room for a resident layer.
+    let p = plan(&model, &exact_budget(2_500_000_000), &depth1, &link).unwrap();
+    assert!(p.resident_layers.is_empty());
+    assert!(p.compute_measured);
+    // N * max(c, t) + one copy to fill the pipeline.
+    assert!(
+        (p.predicted_step_seconds - 11.0).abs() < 1e-9,
+        "{}",
+        p.predicted_step_seconds
+    );
+    assert!((p.predicted_compute_seconds - 10.0).abs() < 1e-9);
+    assert!((p.predicted_transfer_seconds - 10.0).abs() < 1e-9);
+    assert!(p.message.contains("measured"), "{}", p.message);
+    // Depth 0: one slot, copies and compute alternate: N * (c + t).
+    let depth0 = Workload {
+        prefetch_depth: 0,
+        ..Workload::default()
+    };
+    let p = plan(&model, &exact_budget(1_500_000_000), &depth0, &link).unwrap();
+    assert_eq!(p.slot_count, 1);
+    assert!(
+        (p.predicted_step_seconds - 20.0).abs() < 1e-9,
+        "{}",
+        p.predicted_step_seconds
+    );
+    // Guidance doubles the step: 2 passes, the second overlapping the first's tail.
+    let cfg = Workload {
+        passes_per_step: 2,
+        ..Workload::default()
+    };
+    let p = plan(&model, &exact_budget(2_500_000_000), &cfg, &link).unwrap();
+    assert!(
+        (p.predicted_step_seconds - 21.0).abs() < 1e-9,
+        "{}",
+        p.predicted_step_seconds
+    );
+}
+
+#[test]
+fn prefetch_depth_is_reduced_when_only_one_slot_fits() {
+    let model = layers(&[100, 100, 100]);
+    let workload = Workload {
+        prefetch_depth: 3,
+        ..Workload::default()
+    };
+    let p = plan(&model, &exact_budget(150), &workload, &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Streaming);
+    assert_eq!(p.slot_count, 1);
+    assert_eq!(p.streaming_bytes, 300); // depth 3 wants 3 slots (clamped to 3 layers)
+    assert!(
+        p.message.contains("prefetch depth reduced from 3 to 0"),
+        "{}",
+        p.message
+    );
+}
+
+#[test]
+fn budget_smaller_than_global_tensors_is_insufficient_with_options() {
+    let mut model = layers(&[100 << 20; 4]);
+    model.global_bytes = 3 * GIB;
+    let budget = Budget {
+        total_bytes: 8 * GIB,
+        ..Budget::from_free(2 * GIB)
+    };
+    let p = plan(&model, &budget, &Workload::default(), &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Insufficient);
+    assert!(
+        p.message
+            .contains("always-resident tensors alone need 3.00 GiB"),
+        "{}",
+        p.message
+    );
+    assert!(p.message.contains("free "), "{}", p.message);
+    assert!(p.message.contains("more device memory"), "{}", p.message);
+    assert!(p.message.contains("bits per weight"), "{}", p.message);
+    assert!(p.message.contains("CPU"), "{}", p.message);
+    assert!(p.message.contains("disk"), "{}", p.message);
+    assert_eq!(p.device_bytes, 0);
+    assert!(p.predicted_step_seconds == 0.0);
+    let err = p.into_result().unwrap_err();
+    assert_eq!(err.status, Status::InsufficientMemory);
+    // The quoted shortfall is right: with that much more free memory, streaming works.
+    let more = err
+        .message
+        .split("(1) free ")
+        .nth(1)
+        .and_then(|s| s.split(" more").next())
+        .unwrap()
+        .to_string();
+    assert!(more.ends_with("GiB"), "{more}");
+}
+
+#[test]
+fn shortfall_figure_is_enough_and_tight() {
+    let mut model = layers(&[1 << 30, 1 << 30]);
+    model.global_bytes = 1 << 30;
+    let budget = Budget::from_free(2 * GIB);
+    let p = plan(&model, &budget, &Workload::default(), &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Insufficient);
+    let target = free_needed(&budget, 2 << 30, 0) as u64;
+    let enough = Budget::from_free(target);
+    let w = Workload {
+        prefetch_depth: 0,
+        ..Workload::default()
+    };
+    assert_eq!(
+        plan(&model, &enough, &w, &pcie4()).unwrap().mode,
+        Mode::Streaming
+    );
+    let short = Budget::from_free(target - 4096);
+    assert_eq!(
+        plan(&model, &short, &w, &pcie4()).unwrap().mode,
+        Mode::Insufficient
+    );
+}
+
+#[test]
+fn layer_larger_than_any_slot_is_named() {
+    let mut model = layers(&[10 << 20, 900 << 20, 10 << 20]);
+    model.layers[1].name = "double_blocks.7".into();
+    let p = plan(
+        &model,
+        &exact_budget(500 << 20),
+        &Workload::default(),
+        &pcie4(),
+    )
+    .unwrap();
+    assert_eq!(p.mode, Mode::Insufficient);
+    assert!(p.message.contains("\"double_blocks.7\""), "{}", p.message);
+    assert!(
+        p.message.contains("does not fit in a single slot"),
+        "{}",
+        p.message
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let model = layers(&[100, 100]);
+    let b = exact_budget(1000);
+    let w = Workload::default();
+    let l = pcie4();
+    assert!(invalid(plan(
+        &model,
+        &b,
+        &Workload {
+            steps: 0,
+            ..w.clone()
+        },
+        &l
+    ))
+    .contains("steps"));
+    assert!(invalid(plan(
+        &model,
+        &b,
+        &Workload {
+            passes_per_step: 0,
+            ..w.clone()
+        },
+        &l
+    ))
+    .contains("passes"));
+    for bw in [0.0, -5.0, f64::NAN, f64::INFINITY] {
+        let link = Link {
+            bandwidth_bytes_per_s: bw,
+            ..l.clone()
+        };
+        assert!(invalid(plan(&model, &b, &w, &link)).contains("bandwidth"));
+    }
+    let nan_latency = Link {
+        latency_s: f64::NAN,
+        ..l.clone()
+    };
+    invalid(plan(&model, &b, &w, &nan_latency));
+    assert!(invalid(plan(&model, &exact_budget(0), &w, &l)).contains("free"));
+    for s in [f64::NAN, 0.0, 1.5, -0.1] {
+        let budget = Budget {
+            safety_fraction: s,
+            ..b.clone()
+        };
+        assert!(invalid(plan(&model, &budget, &w, &l)).contains("safety"));
+    }
+    let budget = Budget {
+        total_bytes: 10,
+        ..b.clone()
+    };
+    invalid(plan(&model, &budget, &w, &l));
+    assert!(invalid(plan(&layers(&[]), &b, &w, &l)).contains("no layers"));
+    assert!(invalid(plan(&layers(&[0, 0]), &b, &w, &l)).contains("0 bytes"));
+    let mut once = layers(&[100]);
+    once.layers[0].once_bytes = 101;
+    invalid(plan(&once, &b, &w, &l));
+    let mut nan = layers(&[100]);
+    nan.layers[0].compute_seconds = Some(f64::NAN);
+    invalid(plan(&nan, &b, &w, &l));
+    let huge = ModelCost {
+        layers: layers(&[u64::MAX, 1]).layers,
+        global_bytes: 0,
+    };
+    invalid(plan(&huge, &b, &w, &l));
+    // Zero-byte layers are fine next to real ones.
+    let p = plan(&layers(&[0, 100, 0]), &b, &w, &l).unwrap();
+    assert_eq!(p.mode, Mode::Full);
+    assert_eq!(p.layer_loads_per_run, 1);
+    // Hparams with a negative value.
+    invalid(Hparams::parse(
+        "hidden=-1536,layers=28,heads=12,vocab=10,ffn=10,context=10",
+    ));
+    let mut m = layers(&[1, 2]);
+    invalid(calibrate(&mut m, &[1.0]).and(calibrate(&mut m, &[1.0, f64::NAN])));
+    invalid(calibrate(&mut m, &[1.0, 2.0, 3.0]));
+    invalid(plan_pipeline(&[], &b, &l));
+}
+
+#[test]
+fn outputs_are_finite_for_extreme_inputs() {
+    let cases = [
+        (layers(&[1]), exact_budget(1), 1u32),
+        (
+            layers(&[u64::MAX / 4, u64::MAX / 4]),
+            exact_budget(u64::MAX),
+            u32::MAX,
+        ),
+        (layers(&[5, 0, 5]), exact_budget(7), 0),
+    ];
+    for (model, budget, steps) in cases {
+        let w = Workload {
+            steps,
+            passes_per_step: u32::MAX,
+            prefetch_depth: u32::MAX,
+            ..Workload::default()
+        };
+        let w = if steps == 0 {
+            Workload { steps: 1, ..w }
+        } else {
+            w
+        };
+        let link = Link::named("usb2").unwrap();
+        let p = plan(
+            &model,
+            &budget,
+            &Workload {
+                passes_per_step: 3,
+                ..w
+            },
+            &link,
+        )
+        .unwrap();
+        for v in [
+            p.predicted_step_seconds,
+            p.predicted_compute_seconds,
+            p.predicted_transfer_seconds,
+        ] {
+            assert!(v.is_finite() && v >= 0.0, "{v}");
+        }
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(!json.contains("NaN") && !json.contains("null,\"predicted"));
+    }
+}
+
+#[test]
+fn calibration_and_measured_links_show_in_the_message() {
+    let mut model = layers(&[100, 300]);
+    calibrate(&mut model, &[0.4]).unwrap();
+    assert_eq!(model.layers[0].compute_seconds, Some(0.1));
+    assert_eq!(model.layers[1].compute_seconds, Some(0.30000000000000004));
+    let link = Link::from_measurement(3.5e9, 15e-6).unwrap();
+    let p = plan(&model, &exact_budget(350), &Workload::default(), &link).unwrap();
+    assert!(p.compute_measured);
+    assert!(p.message.contains("measured, 3.500 GB/s"), "{}", p.message);
+    assert!(p.message.contains("compute times given for every layer"));
+    let p = plan(
+        &layers(&[100, 300]),
+        &exact_budget(350),
+        &Workload::default(),
+        &pcie4(),
+    )
+    .unwrap();
+    assert!(p.message.contains("table value"), "{}", p.message);
+    assert!(p.message.contains("transfer-bound"), "{}", p.message);
+}
+
+#[test]
+fn pipeline_stages_share_the_budget() {
+    // Encoder: 400 MB of layers + 100 MB global, run once. Denoiser: 8 x 100 MB, 20 steps, CFG.
+    let mut encoder = layers(&[100_000_000; 4]);
+    encoder.global_bytes = 100_000_000;
+    let denoiser = layers(&[100_000_000; 8]);
+    let budget = exact_budget(700_000_000);
+    let stages = vec![
+        ("encoder".to_string(), encoder, Workload::default()),
+        (
+            "denoiser".to_string(),
+            denoiser,
+            Workload {
+                steps: 20,
+                passes_per_step: 2,
+                ..Workload::default()
+            },
+        ),
+    ];
+    let plans = plan_pipeline(&stages, &budget, &pcie4()).unwrap();
+    assert_eq!(plans[0].mode, Mode::Full);
+    // The denoiser sees 700 - 100 (encoder globals) = 600 MB: 2 slots + 4 resident.
+    assert_eq!(plans[1].mode, Mode::Streaming);
+    assert_eq!(plans[1].usable_bytes, 600_000_000);
+    assert_eq!(plans[1].resident_layers.len(), 4);
+    assert_eq!(plans[1].bytes_per_step, 2 * 4 * 100_000_000);
+    assert!(plans[1].message.starts_with("stage \"denoiser\""));
+    // A broken stage names itself.
+    let bad = vec![(
+        "vae".to_string(),
+        layers(&[1]),
+        Workload {
+            steps: 0,
+            ..Workload::default()
+        },
+    )];
+    assert!(invalid(plan_pipeline(&bad, &budget, &pcie4())).starts_with("stage \"vae\""));
+}
+
+#[test]
+fn memory_bar_shows_each_segment() {
+    let mut model = layers(&[100, 100, 100, 100]);
+    model.global_bytes = 100;
+    let budget = Budget {
+        total_bytes: 1000,
+        compute_reserve_bytes: 50,
+        ..exact_budget(600)
+    };
+    let p = plan(&model, &budget, &Workload::default(), &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Streaming);
+    let bar = memory_bar(&p, &budget, 40);
+    let inner = &bar[1..bar.find(']').unwrap()];
+    assert_eq!(inner.chars().count(), 40, "{bar}");
+    // 400 elsewhere, 100 global, 200 resident (2 layers), 200 slots, 50 reserve, 50 free.
+    assert_eq!(inner.matches('x').count(), 16, "{bar}");
+    assert_eq!(inner.matches('#').count(), 4, "{bar}");
+    assert_eq!(inner.matches('=').count(), 8, "{bar}");
+    assert_eq!(inner.matches('~').count(), 8, "{bar}");
+    assert_eq!(inner.matches('+').count(), 2, "{bar}");
+    assert_eq!(inner.matches('.').count(), 2, "{bar}");
+    assert!(bar.contains("~ slots 2 x 100 B"), "{bar}");
+    assert!(!bar.contains('\n'));
+    // Tiny widths still give a bar, and insufficient plans say so.
+    let p = plan(&model, &exact_budget(150), &Workload::default(), &pcie4()).unwrap();
+    let bar = memory_bar(&p, &exact_budget(150), 0);
+    assert!(bar.contains("nothing placed"), "{bar}");
+}
+
+#[test]
+fn plan_serializes_with_the_cli_keys() {
+    let hp = Hparams::parse(QWEN2_1_5B_F32).unwrap();
+    let p = plan(
+        &hp.to_model_cost(),
+        &Budget::from_free(2 * GIB),
+        &Workload::default(),
+        &pcie4(),
+    )
+    .unwrap();
+    let v = serde_json::to_value(&p).unwrap();
+    for key in [
+        "mode",
+        "resident_layers",
+        "streamed_layers",
+        "full_cache_bytes",
+        "streaming_bytes",
+        "layer_bytes_max",
+        "bytes_per_step",
+        "bytes_per_run",
+        "predicted_step_seconds",
+        "message",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["mode"], "streaming");
+    assert_eq!(v["link"]["name"], "pcie4-x16");
+}
+
+#[test]
+fn planning_1000_layers_for_100_steps_is_fast() {
+    let (model, budget, workload) = bench_case();
+    let p = plan(&model, &budget, &workload, &pcie4()).unwrap();
+    assert_eq!(p.mode, Mode::Streaming);
+    assert!(!p.resident_layers.is_empty() && !p.streamed_layers.is_empty());
+    assert!(p.device_bytes <= budget.free_bytes);
+    // The rounded knapsack stays close to the capacity: less than one layer left unused.
+    let slack = p.usable_bytes - p.global_bytes - p.arena_bytes;
+    assert!(slack < 40 << 20, "{slack}");
+    let seconds = bench_plan_1000_layers();
+    let limit = if cfg!(debug_assertions) { 1.0 } else { 0.010 };
+    assert!(seconds < limit, "{seconds} s per plan");
+}

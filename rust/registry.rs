@@ -1,0 +1,622 @@
+//! The tensor registry: every weight tensor the engine knows, the layer it belongs to, and
+//! where its bytes live right now.
+//!
+//! Registration only records descriptors; grouping into layers happens lazily (`finalize`)
+//! so the architecture can be detected from all names at once and layer indices follow
+//! execution order whatever order the host registered tensors in.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::error::{Error, Result, Status};
+use crate::gguf;
+use crate::patterns::{self, Component, LayerKey, Pattern};
+
+/// Where the bytes of a tensor or layer are right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Location {
+    /// Plain host memory (the host's buffer, or engine-owned pageable memory).
+    Host,
+    /// Page-locked host memory that the device can copy from asynchronously.
+    Pinned,
+    /// Device memory: a resident place or a streaming slot of the arena.
+    Device,
+    /// Only in the model file (descriptor registered from GGUF, not loaded).
+    File,
+}
+
+impl Location {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Location::Host => "host",
+            Location::Pinned => "pinned",
+            Location::Device => "device",
+            Location::File => "file",
+        }
+    }
+}
+
+/// What the registry knows about where a tensor comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A live `ggml_tensor` owned by the host.
+    Ggml(*mut crate::ggml::ggml_tensor),
+    /// A descriptor only (planning, simulation).
+    Descriptor,
+    /// Data at `offset` of registered file number `file`.
+    File { file: u32, offset: u64 },
+}
+
+/// Stable handle of a registered tensor. The upper half names the registry so an id from
+/// another registry is rejected instead of silently aliasing a tensor here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub u64);
+
+impl TensorId {
+    fn new(registry: u32, index: u32) -> TensorId {
+        TensorId((u64::from(registry) << 32) | u64::from(index))
+    }
+    fn registry(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+    fn index(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+}
+
+/// Layer membership of a tensor: a streamable layer, or the always-resident global group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    Layer(u32),
+    Global,
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub name: Box<str>,
+    pub component: Component,
+    pub membership: Membership,
+    pub ggml_type: u32,
+    pub n_dims: u8,
+    pub dims: [u64; 4],
+    pub bytes: u64,
+    pub source: Source,
+    pub location: Location,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub name: String,
+    pub component: Component,
+    pub tensors: Vec<TensorId>,
+    pub bytes: u64,
+    pub location: Location,
+    order: LayerKey,
+}
+
+static NEXT_REGISTRY_SERIAL: AtomicU32 = AtomicU32::new(1);
+
+#[derive(Clone)]
+pub struct Registry {
+    serial: u32,
+    pattern_override: Option<Pattern>,
+    pattern: Option<Pattern>,
+    tensors: Vec<TensorEntry>,
+    /// name hash -> index; collisions probe the next hash value (names are compared).
+    by_hash: HashMap<u64, u32>,
+    layers: Vec<Layer>,
+    global: Vec<TensorId>,
+    files: Vec<PathBuf>,
+    grouped: bool,
+    frozen: bool,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("tensors", &self.tensors.len())
+            .field("layers", &self.layers.len())
+            .finish()
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    name.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Description of one tensor to register (from ggml, GGUF or the caller).
+#[derive(Debug, Clone)]
+pub struct TensorDesc<'a> {
+    pub name: &'a str,
+    pub ggml_type: u32,
+    pub dims: &'a [u64],
+    pub bytes: u64,
+    pub source: Source,
+    pub location: Location,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(None)
+    }
+}
+
+impl Registry {
+    /// A registry; `pattern` fixes the layer grouping, `None` detects it from the names.
+    pub fn new(pattern: Option<Pattern>) -> Registry {
+        Registry {
+            serial: NEXT_REGISTRY_SERIAL.fetch_add(1, Ordering::Relaxed),
+            pattern_override: pattern,
+            pattern: None,
+            tensors: Vec::new(),
+            by_hash: HashMap::new(),
+            layers: Vec::new(),
+            global: Vec::new(),
+            files: Vec::new(),
+            grouped: false,
+            frozen: false,
+        }
+    }
+
+    /// Parses a pattern argument: a built-in name, or a user regex (anything with regex syntax).
+    pub fn pattern_from_arg(arg: &str) -> Result<Pattern> {
+        if patterns::builtin_names().contains(&arg) {
+            Pattern::builtin(arg)
+        } else if arg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            Pattern::builtin(arg)
+        } else {
+            Pattern::user(arg, &[])
+        }
+    }
+
+    pub fn set_pattern(&mut self, pattern: Option<Pattern>) -> Result<()> {
+        self.check_not_frozen("change the layer pattern")?;
+        self.pattern_override = pattern;
+        self.grouped = false;
+        Ok(())
+    }
+
+    /// After `freeze` the set of tensors is fixed (a plan refers to it).
+    pub fn freeze(&mut self) {
+        self.finalize();
+        self.frozen = true;
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    fn check_not_frozen(&self, what: &str) -> Result<()> {
+        if self.frozen {
+            Err(Error::state(format!(
+                "cannot {what}: the registry is fixed once a plan uses it (create a new engine to change the model)"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers one tensor; duplicate names are an error.
+    pub fn add(&mut self, desc: TensorDesc<'_>) -> Result<TensorId> {
+        self.check_not_frozen("register tensors")?;
+        if desc.name.is_empty() {
+            return Err(Error::invalid("tensor name is empty"));
+        }
+        if desc.dims.len() > 4 {
+            return Err(Error::invalid(format!(
+                "tensor '{}': {} dimensions (ggml allows at most 4)",
+                desc.name,
+                desc.dims.len()
+            )));
+        }
+        if self.tensors.len() >= u32::MAX as usize {
+            return Err(Error::invalid("too many tensors"));
+        }
+        let mut slot = name_hash(desc.name);
+        while let Some(&index) = self.by_hash.get(&slot) {
+            if &*self.tensors[index as usize].name == desc.name {
+                return Err(Error::new(
+                    Status::AlreadyExists,
+                    format!("tensor '{}' is already registered", desc.name),
+                ));
+            }
+            slot = slot.wrapping_add(1);
+        }
+        let index = self.tensors.len() as u32;
+        let mut dims = [1u64; 4];
+        dims[..desc.dims.len()].copy_from_slice(desc.dims);
+        let (component, _, _) = patterns::split_prefix(desc.name);
+        self.tensors.push(TensorEntry {
+            name: desc.name.into(),
+            component,
+            membership: Membership::Global,
+            ggml_type: desc.ggml_type,
+            n_dims: desc.dims.len() as u8,
+            dims,
+            bytes: desc.bytes,
+            source: desc.source,
+            location: desc.location,
+        });
+        self.by_hash.insert(slot, index);
+        self.grouped = false;
+        Ok(TensorId::new(self.serial, index))
+    }
+
+    /// Registers every tensor described by a GGUF file; reads no tensor data.
+    pub fn add_gguf(&mut self, path: &Path) -> Result<usize> {
+        self.check_not_frozen("register tensors")?;
+        let file = gguf::read_path(path)?;
+        let file_index = self.files.len() as u32;
+        let before = self.tensors.len();
+        for tensor in &file.tensors {
+            let added = self.add(TensorDesc {
+                name: &tensor.name,
+                ggml_type: tensor.ggml_type,
+                dims: &tensor.dims,
+                bytes: tensor.bytes,
+                source: Source::File {
+                    file: file_index,
+                    offset: tensor.offset,
+                },
+                location: Location::File,
+            });
+            if let Err(err) = added {
+                // All or nothing: a half-registered file would plan a model that is not there.
+                self.truncate(before);
+                return Err(Error::new(
+                    err.status,
+                    format!("{}: {}", path.display(), err.message),
+                ));
+            }
+        }
+        self.files.push(path.to_path_buf());
+        Ok(self.tensors.len() - before)
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.tensors.truncate(len);
+        self.by_hash.retain(|_, index| (*index as usize) < len);
+        self.grouped = false;
+    }
+
+    pub fn file_path(&self, file: u32) -> Option<&Path> {
+        self.files.get(file as usize).map(PathBuf::as_path)
+    }
+
+    /// Groups tensors into layers in execution order (idempotent, cheap when nothing changed).
+    pub fn finalize(&mut self) {
+        if self.grouped {
+            return;
+        }
+        let pattern = match &self.pattern_override {
+            Some(p) => p.clone(),
+            None => {
+                let names: Vec<&str> = self.tensors.iter().map(|t| &*t.name).collect();
+                patterns::detect(&names)
+            }
+        };
+        let mut by_layer: HashMap<String, usize> = HashMap::new();
+        let mut layers: Vec<Layer> = Vec::new();
+        let mut global = Vec::new();
+        for (index, tensor) in self.tensors.iter_mut().enumerate() {
+            let id = TensorId::new(self.serial, index as u32);
+            match pattern.match_name(&tensor.name) {
+                Some(matched) => {
+                    // The same block index in two components (text encoder and diffusion model)
+                    // are different layers.
+                    let key = format!("{}/{}", tensor.component.as_str(), matched.layer_name);
+                    let slot = *by_layer.entry(key).or_insert_with(|| {
+                        layers.push(Layer {
+                            name: matched.layer_name.clone(),
+                            component: tensor.component,
+                            tensors: Vec::new(),
+                            bytes: 0,
+                            location: tensor.location,
+                            order: matched.order,
+                        });
+                        layers.len() - 1
+                    });
+                    let layer = &mut layers[slot];
+                    layer.tensors.push(id);
+                    layer.bytes = layer.bytes.saturating_add(tensor.bytes);
+                    tensor.membership = Membership::Layer(slot as u32);
+                }
+                None => {
+                    tensor.membership = Membership::Global;
+                    global.push(id);
+                }
+            }
+        }
+        // Components keep their registration order; within one, the pattern gives the order.
+        let mut component_rank: HashMap<Component, usize> = HashMap::new();
+        for layer in &layers {
+            let next = component_rank.len();
+            component_rank.entry(layer.component).or_insert(next);
+        }
+        let mut order: Vec<usize> = (0..layers.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (la, lb) = (&layers[a], &layers[b]);
+            (component_rank[&la.component], la.order)
+                .cmp(&(component_rank[&lb.component], lb.order))
+        });
+        let mut new_index = vec![0u32; layers.len()];
+        for (new, &old) in order.iter().enumerate() {
+            new_index[old] = new as u32;
+        }
+        for tensor in &mut self.tensors {
+            if let Membership::Layer(old) = tensor.membership {
+                tensor.membership = Membership::Layer(new_index[old as usize]);
+            }
+        }
+        let mut slots: Vec<Option<Layer>> = layers.into_iter().map(Some).collect();
+        self.layers = order
+            .iter()
+            .map(|&old| slots[old].take().expect("each layer is moved once"))
+            .collect();
+        self.global = global;
+        self.pattern = Some(pattern);
+        self.grouped = true;
+    }
+
+    fn grouped(&self) -> Result<()> {
+        if self.grouped {
+            Ok(())
+        } else {
+            Err(Error::state("registry not finalized"))
+        }
+    }
+
+    pub fn architecture(&mut self) -> String {
+        self.finalize();
+        self.pattern
+            .as_ref()
+            .map(|p| p.name().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn tensor_count(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn layer_count(&mut self) -> usize {
+        self.finalize();
+        self.layers.len()
+    }
+
+    /// Layers in execution order (finalizes first).
+    pub fn layers(&mut self) -> &[Layer] {
+        self.finalize();
+        &self.layers
+    }
+
+    /// Layers of an already finalized registry (for holders of a shared reference).
+    pub fn grouped_layers(&self) -> Result<&[Layer]> {
+        self.grouped()?;
+        Ok(&self.layers)
+    }
+
+    pub fn layer(&mut self, index: usize) -> Result<&Layer> {
+        self.finalize();
+        let count = self.layers.len();
+        self.layers.get(index).ok_or_else(|| {
+            Error::not_found(format!(
+                "layer index {index} out of range (model has {count} layers)"
+            ))
+        })
+    }
+
+    pub fn global_tensors(&mut self) -> &[TensorId] {
+        self.finalize();
+        &self.global
+    }
+
+    pub fn global_bytes(&mut self) -> u64 {
+        self.finalize();
+        self.global
+            .iter()
+            .map(|id| self.tensors[id.index()].bytes)
+            .fold(0u64, u64::saturating_add)
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| t.bytes)
+            .fold(0u64, u64::saturating_add)
+    }
+
+    pub fn find(&self, name: &str) -> Result<TensorId> {
+        let mut slot = name_hash(name);
+        while let Some(&index) = self.by_hash.get(&slot) {
+            if &*self.tensors[index as usize].name == name {
+                return Ok(TensorId::new(self.serial, index));
+            }
+            slot = slot.wrapping_add(1);
+        }
+        Err(Error::not_found(format!(
+            "no tensor named '{name}' is registered"
+        )))
+    }
+
+    fn check_id(&self, id: TensorId) -> Result<usize> {
+        if id.registry() != self.serial {
+            return Err(Error::new(
+                Status::InvalidHandle,
+                format!("tensor id {:#x} belongs to another registry", id.0),
+            ));
+        }
+        let index = id.index();
+        if index >= self.tensors.len() {
+            return Err(Error::not_found(format!("unknown tensor id {:#x}", id.0)));
+        }
+        Ok(index)
+    }
+
+    pub fn tensor(&self, id: TensorId) -> Result<&TensorEntry> {
+        let index = self.check_id(id)?;
+        Ok(&self.tensors[index])
+    }
+
+    pub fn tensor_mut(&mut self, id: TensorId) -> Result<&mut TensorEntry> {
+        let index = self.check_id(id)?;
+        Ok(&mut self.tensors[index])
+    }
+
+    /// Layer index of a tensor, or `None` for the global group.
+    pub fn layer_of(&mut self, id: TensorId) -> Result<Option<usize>> {
+        self.finalize();
+        Ok(match self.tensor(id)?.membership {
+            Membership::Layer(layer) => Some(layer as usize),
+            Membership::Global => None,
+        })
+    }
+
+    pub fn set_layer_location(&mut self, layer: usize, location: Location) -> Result<()> {
+        self.finalize();
+        let ids = self.layer(layer)?.tensors.clone();
+        for id in ids {
+            self.tensors[id.index()].location = location;
+        }
+        self.layers[layer].location = location;
+        Ok(())
+    }
+
+    /// Iterates tensors in execution order: each layer's tensors, then the global group.
+    pub fn execution_order(&mut self) -> Vec<TensorId> {
+        self.finalize();
+        let mut ids: Vec<TensorId> = self
+            .layers
+            .iter()
+            .flat_map(|l| l.tensors.iter().copied())
+            .collect();
+        ids.extend(self.global.iter().copied());
+        ids
+    }
+
+    /// Bytes of heap memory this registry holds per tensor (for the benchmark).
+    pub fn approx_heap_bytes(&self) -> usize {
+        let names: usize = self.tensors.iter().map(|t| t.name.len()).sum();
+        let entries = self.tensors.capacity() * std::mem::size_of::<TensorEntry>();
+        let index = self.by_hash.capacity() * (std::mem::size_of::<(u64, u32)>() + 1);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.tensors.capacity() * 8 + l.name.capacity() + std::mem::size_of::<Layer>())
+            .sum();
+        names + entries + index + layers + self.global.capacity() * 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(name: &str, bytes: u64) -> TensorDesc<'_> {
+        TensorDesc {
+            name,
+            ggml_type: 0,
+            dims: &[4],
+            bytes,
+            source: Source::Descriptor,
+            location: Location::Host,
+        }
+    }
+
+    fn flux_registry() -> Registry {
+        let mut r = Registry::new(None);
+        // Registered out of order on purpose: indices must follow execution order anyway.
+        for name in [
+            "model.diffusion_model.single_blocks.1.linear1.weight",
+            "model.diffusion_model.double_blocks.1.img_attn.qkv.weight",
+            "model.diffusion_model.img_in.weight",
+            "model.diffusion_model.single_blocks.0.linear1.weight",
+            "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+            "model.diffusion_model.double_blocks.0.txt_mlp.0.weight",
+        ] {
+            r.add(desc(name, 100)).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn groups_in_execution_order_whatever_the_registration_order() {
+        let mut r = flux_registry();
+        assert_eq!(r.architecture(), "flux");
+        let names: Vec<_> = r.layers().iter().map(|l| l.name.clone()).collect();
+        assert_eq!(
+            names,
+            [
+                "double_blocks.0",
+                "double_blocks.1",
+                "single_blocks.0",
+                "single_blocks.1"
+            ]
+        );
+        assert_eq!(r.layers()[0].tensors.len(), 2);
+        assert_eq!(r.layers()[0].bytes, 200);
+        assert_eq!(r.global_bytes(), 100);
+        assert_eq!(r.total_bytes(), 600);
+        let id = r
+            .find("model.diffusion_model.double_blocks.0.txt_mlp.0.weight")
+            .unwrap();
+        assert_eq!(r.layer_of(id).unwrap(), Some(0));
+        let global = r.find("model.diffusion_model.img_in.weight").unwrap();
+        assert_eq!(r.layer_of(global).unwrap(), None);
+        assert_eq!(r.execution_order().len(), 6);
+        assert_eq!(*r.execution_order().last().unwrap(), global);
+    }
+
+    #[test]
+    fn duplicates_unknown_names_and_foreign_ids_are_errors() {
+        let mut r = flux_registry();
+        let err = r
+            .add(desc("model.diffusion_model.img_in.weight", 1))
+            .unwrap_err();
+        assert_eq!(err.status, Status::AlreadyExists);
+        assert!(err.message.contains("img_in"));
+        assert_eq!(r.find("nope").unwrap_err().status, Status::NotFound);
+        let other = flux_registry();
+        let foreign = other.find("model.diffusion_model.img_in.weight").unwrap();
+        assert_eq!(r.tensor(foreign).unwrap_err().status, Status::InvalidHandle);
+        let past_end = TensorId::new(r.serial, 1000);
+        assert_eq!(r.tensor(past_end).unwrap_err().status, Status::NotFound);
+        assert_eq!(r.layer(99).unwrap_err().status, Status::NotFound);
+    }
+
+    #[test]
+    fn frozen_registry_refuses_new_tensors() {
+        let mut r = flux_registry();
+        r.freeze();
+        assert_eq!(
+            r.add(desc("x", 1)).unwrap_err().status,
+            Status::InvalidState
+        );
+    }
+
+    #[test]
+    fn explicit_pattern_overrides_detection_and_unmatched_go_global() {
+        let mut r = Registry::new(Some(Pattern::builtin("llama_gguf").unwrap()));
+        r.add(desc("blk.0.attn_q.weight", 10)).unwrap();
+        r.add(desc("double_blocks.0.x", 10)).unwrap();
+        assert_eq!(r.layer_count(), 1);
+        assert_eq!(r.global_bytes(), 10);
+    }
+
+    #[test]
+    fn hash_collisions_probe_without_losing_names() {
+        // Force two names into one probe chain by inserting directly under the same slot.
+        let mut r = Registry::new(None);
+        let a = r.add(desc("a", 1)).unwrap();
+        let slot = name_hash("b");
+        r.by_hash.insert(slot, a.index() as u32); // occupy b's slot with a
+        let b = r.add(desc("b", 2)).unwrap();
+        assert_eq!(r.find("b").unwrap(), b);
+        assert_eq!(r.find("a").unwrap(), a);
+    }
+}
