@@ -29,6 +29,10 @@ pub const MAX_STRING_LEN: u64 = 16 * 1024 * 1024;
 /// bounds the recursion.
 pub const MAX_ARRAY_DEPTH: u32 = 2;
 
+/// Most metadata values (array elements included) in one file. Real files hold a few million at
+/// most (vocabularies, merges, score arrays); the cap bounds memory, as each small value costs
+/// several times its encoded size once parsed.
+pub const MAX_METADATA_VALUES: u64 = 1 << 24;
 /// Smallest possible encodings, used to reject counts the file cannot hold.
 const MIN_KV_BYTES: u64 = 8 + 4 + 1; // empty key, type, one-byte value
 const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8; // empty name, n_dims = 0, type, offset
@@ -368,6 +372,7 @@ pub fn parse_reader<R: Read>(reader: R, file_size: u64) -> Result<GgufFile> {
             pos: 0,
             size: file_size,
         },
+        values: 0,
     }
     .parse()
 }
@@ -465,6 +470,8 @@ fn context<T>(result: Result<T>, what: impl FnOnce() -> String) -> Result<T> {
 
 struct Parser<R> {
     src: Source<R>,
+    /// Metadata values parsed so far, checked against MAX_METADATA_VALUES.
+    values: u64,
 }
 
 impl<R: Read> Parser<R> {
@@ -606,6 +613,12 @@ impl<R: Read> Parser<R> {
     }
 
     fn value(&mut self, type_id: u32, depth: u32) -> Result<Value> {
+        self.values += 1;
+        if self.values > MAX_METADATA_VALUES {
+            return Err(Error::corrupt(format!(
+                "more than {MAX_METADATA_VALUES} metadata values"
+            )));
+        }
         let src = &mut self.src;
         Ok(match type_id {
             TYPE_U8 => Value::U8(src.u8()?),
@@ -1560,5 +1573,96 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Seeds for `fuzz/corpus/fuzz_gguf`: small valid files of several shapes and one
+    /// truncated file. Kept reproducible by `fuzz_seeds_are_current`.
+    fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let mut minimal = Writer::new();
+        minimal.add_kv("general.architecture", Value::Str("llama".into()));
+
+        let mut llama = Writer::new();
+        llama.add_kv("general.architecture", Value::Str("llama".into()));
+        llama.add_kv("general.name", Value::Str("tiny".into()));
+        llama.add_kv("llama.context_length", Value::U32(64));
+        llama.add_kv("llama.rope.freq_base", Value::F32(10000.0));
+        llama.add_kv(
+            "tokenizer.ggml.tokens",
+            Value::Array(vec![Value::Str("<s>".into()), Value::Str("a".into())]),
+        );
+        llama.add_kv(
+            "tokenizer.ggml.scores",
+            Value::Array(vec![Value::F32(0.0), Value::F32(-1.0)]),
+        );
+        llama.add_kv("tokenizer.ggml.add_bos_token", Value::Bool(true));
+        llama
+            .add_tensor_with("token_embd.weight", ggml_type::F32, &[4, 2], |d| d.fill(1))
+            .unwrap();
+        llama
+            .add_tensor_with("blk.0.attn_q.weight", ggml_type::Q8_0, &[32], |d| d.fill(2))
+            .unwrap();
+        llama
+            .add_tensor_zeroed("output_norm.weight", ggml_type::F32, &[4])
+            .unwrap();
+
+        let mut flux = Writer::new();
+        flux.alignment(64);
+        flux.add_kv("general.architecture", Value::Str("flux".into()));
+        flux.add_tensor_zeroed(
+            "double_blocks.0.img_attn.qkv.weight",
+            ggml_type::F16,
+            &[4, 2],
+        )
+        .unwrap();
+        flux.add_tensor_zeroed("single_blocks.0.linear1.weight", ggml_type::BF16, &[4])
+            .unwrap();
+        flux.add_tensor_zeroed("img_in.weight", ggml_type::Q4_0, &[32])
+            .unwrap();
+
+        let mut every = Writer::new();
+        for (key, value) in every_value_type() {
+            every.add_kv(&key, value);
+        }
+        every
+            .add_tensor("t", ggml_type::I8, &[2], vec![1, 2])
+            .unwrap();
+        let mut every_v2 = every.to_bytes();
+        every_v2[4..8].copy_from_slice(&2u32.to_le_bytes());
+
+        let llama = llama.to_bytes();
+        let truncated = llama[..llama.len() * 3 / 5].to_vec();
+        vec![
+            ("minimal.gguf", minimal.to_bytes()),
+            ("llama_tiny.gguf", llama),
+            ("flux_tiny_align64.gguf", flux.to_bytes()),
+            ("every_value_v2.gguf", every_v2),
+            ("llama_tiny_truncated.gguf", truncated),
+        ]
+    }
+
+    /// The committed fuzz seeds match `fuzz_seeds`; set OFFLOAD_ENGINE_WRITE_FUZZ_SEEDS=1 to
+    /// rewrite them after changing the writer.
+    #[test]
+    fn fuzz_seeds_are_current() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/fuzz_gguf");
+        let rewrite = std::env::var_os("OFFLOAD_ENGINE_WRITE_FUZZ_SEEDS").is_some();
+        for (name, bytes) in fuzz_seeds() {
+            assert_eq!(
+                parse_bytes(&bytes).is_ok(),
+                !name.contains("truncated"),
+                "{name}"
+            );
+            let path = dir.join(name);
+            if rewrite {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &bytes).unwrap();
+            }
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                committed == bytes,
+                "{} is stale; rerun with OFFLOAD_ENGINE_WRITE_FUZZ_SEEDS=1",
+                path.display()
+            );
+        }
     }
 }

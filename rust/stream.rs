@@ -759,7 +759,11 @@ impl Streamer {
     pub fn offload_all(&mut self) {
         let sync = self.sync.clone();
         let mut shared = sync.lock();
-        shared.queue.clear();
+        // Jobs not yet taken by the copy thread are dropped; their slots go back to Free.
+        let pending: Vec<usize> = shared.queue.drain(..).map(|job| job.slot).collect();
+        for slot in pending {
+            shared.slots[slot] = SlotState::Free;
+        }
         while shared
             .slots
             .iter()

@@ -1,1 +1,247 @@
+//! Streaming correctness on the CPU backend: every budget and prefetch depth gives outputs
+//! bit-identical to the fully resident run.
 
+use std::sync::Mutex;
+
+use offload_engine::demo::{run_reference, run_with_engine, Architecture, DemoConfig, DemoModel};
+use offload_engine::engine::{Engine, EngineParams};
+use offload_engine::error::Status;
+use offload_engine::faults::{self, Fault};
+use offload_engine::planner::{Link, Mode, Workload};
+
+/// Fault injection is process-wide: engine tests run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn params(budget: u64, depth: u32) -> EngineParams {
+    EngineParams {
+        device: Some("CPU".into()),
+        budget_bytes: Some(budget),
+        prefetch_depth: depth,
+        ..Default::default()
+    }
+}
+
+fn workload(depth: u32, passes_per_step: u32) -> Workload {
+    Workload {
+        steps: 2,
+        passes_per_step,
+        prefetch_depth: depth,
+        ..Default::default()
+    }
+}
+
+fn cpu_backend() -> offload_engine::backend::Backend {
+    let backend = offload_engine::backend::Device::select(Some("CPU"))
+        .unwrap()
+        .init_backend()
+        .unwrap();
+    backend.set_threads(1);
+    backend
+}
+
+/// Budgets covering: everything fits, some layers resident, only the global group plus slots.
+fn budgets(model: &DemoModel) -> Vec<(&'static str, u64)> {
+    let w = model.weight_bytes();
+    vec![("full", w * 2), ("partial", w * 2 / 3), ("tight", w / 3)]
+}
+
+fn check_bit_identical(architecture: Architecture) {
+    let _guard = serial();
+    let model = DemoModel::new(DemoConfig::tiny(architecture)).unwrap();
+    let reference = run_reference(&model, &cpu_backend(), 3).unwrap();
+    let mut modes = Vec::new();
+    for (label, budget) in budgets(&model) {
+        for depth in [0u32, 1, 3] {
+            let run = run_with_engine(&model, params(budget, depth), &workload(depth, 1), 3, None)
+                .unwrap_or_else(|e| panic!("{label} budget, depth {depth}: {e}"));
+            assert!(
+                run.output == reference,
+                "{architecture:?}: output differs at {label} budget, prefetch depth {depth}"
+            );
+            assert!(run.stats.arena_peak_bytes <= run.stats.arena_bytes);
+            assert!(
+                run.plan.arena_bytes <= budget,
+                "arena {} over budget {budget}",
+                run.plan.arena_bytes
+            );
+            modes.push((label, run.plan.mode, run.plan.resident_layers.len()));
+        }
+    }
+    // The budgets really exercised each regime.
+    assert!(modes.iter().any(|m| m.1 == Mode::Full));
+    assert!(
+        modes.iter().any(|m| m.1 == Mode::Streaming && m.2 > 0),
+        "{modes:?}"
+    );
+    // (Zero resident layers is covered by only_two_slots_still_bit_identical.)
+}
+
+#[test]
+fn llama_style_streaming_is_bit_identical() {
+    check_bit_identical(Architecture::Llama);
+}
+
+#[test]
+fn flux_style_streaming_is_bit_identical() {
+    check_bit_identical(Architecture::Flux);
+}
+
+#[test]
+fn only_two_slots_still_bit_identical() {
+    let _guard = serial();
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Flux)).unwrap();
+    let reference = run_reference(&model, &cpu_backend(), 2).unwrap();
+    // Find the smallest budget that still plans: global + two slots of the largest layer.
+    let mut budget = model.weight_bytes() / 8;
+    let run = loop {
+        match run_with_engine(&model, params(budget, 1), &workload(1, 1), 2, None) {
+            Ok(run) => break run,
+            Err(e) if e.status == Status::InsufficientMemory => budget += budget / 16,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(run.plan.slot_count <= 2, "slots {}", run.plan.slot_count);
+    assert_eq!(run.plan.resident_layers.len(), 0);
+    assert_eq!(run.output, reference);
+}
+
+#[test]
+fn impossible_budget_is_refused_before_any_compute() {
+    let _guard = serial();
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    let mut engine = Engine::new(params(4096, 1)).unwrap();
+    // SAFETY: the model outlives the engine.
+    unsafe { engine.register_context(model.context()).unwrap() };
+    let err = engine
+        .prepare(&workload(1, 1), &Link::named("ddr4").unwrap())
+        .unwrap_err();
+    assert_eq!(err.status, Status::InsufficientMemory);
+    assert!(
+        err.message.contains("B"),
+        "message names sizes: {}",
+        err.message
+    );
+    assert_eq!(
+        engine.begin_pass().unwrap_err().status,
+        Status::InvalidState
+    );
+}
+
+#[test]
+fn second_pass_of_a_step_recopies_no_resident_layer() {
+    let _guard = serial();
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    let budget = model.weight_bytes() * 2 / 3;
+    let run = run_with_engine(&model, params(budget, 1), &workload(1, 2), 4, None).unwrap();
+    assert_eq!(run.plan.mode, Mode::Streaming);
+    assert!(!run.plan.resident_layers.is_empty());
+    for (i, layer) in run.stats.layers.iter().enumerate() {
+        if layer.resident {
+            assert_eq!(
+                layer.loads, 0,
+                "resident layer {i} was copied during the run"
+            );
+        } else if i < model_layers(&model) {
+            assert_eq!(layer.loads, 4, "streamed layer {i} loads once per pass");
+        }
+    }
+}
+
+fn model_layers(model: &DemoModel) -> usize {
+    use offload_engine::executor::LayeredModel;
+    model.layer_count()
+}
+
+#[test]
+fn misuse_of_the_pass_protocol_is_an_error() {
+    let _guard = serial();
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    let mut engine = Engine::new(params(model.weight_bytes() / 2, 1)).unwrap();
+    // SAFETY: the model outlives the engine.
+    unsafe { engine.register_context(model.context()).unwrap() };
+    assert_eq!(
+        engine.begin_layer(0).unwrap_err().status,
+        Status::InvalidState
+    );
+    engine
+        .prepare(&workload(1, 1), &Link::named("ddr4").unwrap())
+        .unwrap();
+    assert_eq!(
+        engine.begin_layer(0).unwrap_err().status,
+        Status::InvalidState
+    );
+    assert_eq!(engine.end_pass().unwrap_err().status, Status::InvalidState);
+    engine.begin_pass().unwrap();
+    assert_eq!(
+        engine.begin_pass().unwrap_err().status,
+        Status::InvalidState
+    );
+    assert_eq!(
+        engine.end_layer(0).unwrap_err().status,
+        Status::InvalidState
+    );
+    assert_eq!(
+        engine.begin_layer(999).unwrap_err().status,
+        Status::NotFound
+    );
+    engine.begin_layer(0).unwrap();
+    assert_eq!(
+        engine.begin_layer(1).unwrap_err().status,
+        Status::InvalidState
+    );
+    assert_eq!(
+        engine.end_layer(1).unwrap_err().status,
+        Status::InvalidState
+    );
+    // Dropping the engine with a layer open and prefetches in flight must be clean.
+}
+
+#[test]
+fn failed_copy_leaves_the_engine_usable() {
+    let _guard = serial();
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    let reference = run_reference(&model, &cpu_backend(), 1).unwrap();
+    for fault in [Fault::Copy, Fault::CopyThreadPanic] {
+        let mut engine = Engine::new(params(model.weight_bytes() / 3, 1)).unwrap();
+        // SAFETY: the model outlives the engine.
+        unsafe { engine.register_context(model.context()).unwrap() };
+        engine
+            .prepare(&workload(1, 1), &Link::named("ddr4").unwrap())
+            .unwrap();
+        faults::arm(fault, 2);
+        let mut executor =
+            offload_engine::executor::Executor::new(engine.backend(), [64, 4]).unwrap();
+        let err = executor.run_pass(&model, Some(&mut engine)).unwrap_err();
+        faults::disarm_all();
+        assert!(
+            matches!(err.status, Status::Backend | Status::Internal),
+            "{err}"
+        );
+        engine.offload_all().unwrap();
+        // After the failure, a full pass works and gives the reference output.
+        let out = executor.run_pass(&model, Some(&mut engine)).unwrap();
+        assert_eq!(out, reference, "{fault:?}");
+    }
+}
+
+#[test]
+fn device_allocation_failure_retries_with_fewer_resident_layers() {
+    let _guard = serial();
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    let reference = run_reference(&model, &cpu_backend(), 1).unwrap();
+    faults::arm(Fault::DeviceAlloc, 1);
+    let run = run_with_engine(
+        &model,
+        params(model.weight_bytes() * 2 / 3, 1),
+        &workload(1, 1),
+        1,
+        None,
+    );
+    faults::disarm_all();
+    let run = run.unwrap();
+    assert_eq!(run.output, reference);
+}

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 
 /// Storage type of weights or cache entries. Bits per weight include the block scales of the
 /// ggml block formats (Q8_0: 34 bytes per 32 weights = 8.5 bits; Q4_K: 144 bytes per 256 = 4.5).
+#[allow(non_camel_case_types)] // ggml's own type names
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum WeightType {
     F32,
@@ -153,9 +154,7 @@ fn saturate(x: u128) -> u64 {
 
 /// Product of dimensions, saturating at u64::MAX instead of wrapping.
 fn product(factors: &[u64]) -> u64 {
-    factors
-        .iter()
-        .fold(1u64, |acc, &f| acc.checked_mul(f).unwrap_or(u64::MAX))
+    factors.iter().fold(1u64, |acc, &f| acc.saturating_mul(f))
 }
 
 fn saturate_f64(x: f64) -> u64 {

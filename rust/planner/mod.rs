@@ -14,7 +14,9 @@ pub mod schedule;
 
 pub use estimate::{Hparams, WeightType};
 pub use link::{advise, Advice, Link, LinkSpec, Regime};
-pub use schedule::{simulate_belady, simulate_lru, static_traffic, Traffic};
+pub use schedule::{
+    simulate_belady, simulate_belady_with_slot, simulate_lru, static_traffic, Traffic,
+};
 
 use serde::Serialize;
 
@@ -187,10 +189,6 @@ impl Workload {
             ));
         }
         Ok(())
-    }
-
-    fn total_passes(&self) -> u64 {
-        self.steps as u64 * self.passes_per_step as u64
     }
 }
 
@@ -762,7 +760,7 @@ pub fn bench_plan_1000_layers() -> f64 {
     start.elapsed().as_secs_f64() / iterations as f64
 }
 
-fn bench_case() -> (ModelCost, Budget, Workload) {
+pub fn bench_case() -> (ModelCost, Budget, Workload) {
     let layers: Vec<LayerCost> = (0..1000u64)
         .map(|i| {
             // 40-52 MiB blocks with 4 KiB-granular jitter; every fourth carries cross-attention

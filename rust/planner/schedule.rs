@@ -81,11 +81,24 @@ pub fn static_traffic(model: &ModelCost, workload: &Workload, resident: &[bool])
 /// in `resident_capacity_bytes`: on a miss the layer is loaded; it is kept only if evicting
 /// layers needed *later than it* makes room, furthest next use first (Belady with bypass).
 /// Layers that are not kept go through a streaming slot, which is not counted against the
-/// capacity (and is assumed big enough).
+/// capacity and is assumed big enough for any layer (see `simulate_belady_with_slot`).
 pub fn simulate_belady(
     model: &ModelCost,
     workload: &Workload,
     resident_capacity_bytes: u64,
+) -> Traffic {
+    simulate_belady_with_slot(model, workload, resident_capacity_bytes, u64::MAX)
+}
+
+/// `simulate_belady` under the same memory layout as a plan: a layer larger than `slot_bytes`
+/// cannot go through a slot, so on a miss it is always cached, evicting furthest-next-use
+/// layers until it fits. This is the fair yardstick for a plan: without it, the simulation may
+/// stream a layer bigger than any slot the plan could afford.
+pub fn simulate_belady_with_slot(
+    model: &ModelCost,
+    workload: &Workload,
+    resident_capacity_bytes: u64,
+    slot_bytes: u64,
 ) -> Traffic {
     let n = model.layers.len();
     let passes = total_passes(workload);
@@ -120,7 +133,12 @@ pub fn simulate_belady(
                 used += size;
                 continue;
             }
-            let mine = next_use(j, p, j);
+            // A layer too big for a slot must be cached whatever it evicts.
+            let mine = if size > slot_bytes {
+                0
+            } else {
+                next_use(j, p, j)
+            };
             victims.clear();
             victims.extend(
                 (0..n)
@@ -204,7 +222,7 @@ pub(super) struct Selection {
 }
 
 /// Upper bound on knapsack table cells (value table + take bits): a few ms for 1,000 layers.
-const CELL_BUDGET: u64 = 1 << 22;
+const CELL_BUDGET: u64 = 1 << 21;
 /// Upper bound on the table width, to keep the value table small (2 MiB).
 const MAX_WIDTH: u64 = 1 << 18;
 
@@ -310,8 +328,12 @@ pub(super) fn choose_resident(
         u64::try_from(b.div_ceil(unit as u128)).unwrap_or(u64::MAX)
     };
 
-    let mut dp = vec![0u128; cells];
-    let mut take = vec![0u64; (pieces.len() * cells).div_ceil(64)];
+    // dp[c]: the most re-read bytes kept resident in at most c units (values fit in u64:
+    // the plan checked that the layer total does). take: one bit row per piece.
+    let mut dp = vec![0u64; cells];
+    let mut next = vec![0u64; cells];
+    let row_words = cells.div_ceil(64);
+    let mut take = vec![0u64; pieces.len() * row_words];
     let max_slots = max_slots.max(1);
     // best[k-1] = (value, group index, capacity in units) for k slots.
     let mut best: Vec<Option<(u128, usize, usize)>> = vec![None; max_slots as usize];
@@ -320,18 +342,26 @@ pub(super) fn choose_resident(
     let mut next_group = 0;
     for (pi, piece) in pieces.iter().enumerate() {
         let w = weight(piece);
-        let v = classes[piece.class].value as u128 * piece.count as u128;
+        let v = classes[piece.class].value * piece.count;
         if (w as usize) < cells {
+            // Two buffers rather than an in-place backwards sweep: no aliasing and no index
+            // checks, so both loops vectorise.
             let w = w as usize;
-            for c in (w..cells).rev() {
-                let with = dp[c - w] + v;
-                if with > dp[c] {
-                    dp[c] = with;
-                    let bit = pi * cells + c;
-                    take[bit / 64] |= 1 << (bit % 64);
-                }
+            next[..w].copy_from_slice(&dp[..w]);
+            for ((out, &keep), &add) in next[w..].iter_mut().zip(&dp[w..]).zip(&dp[..cells - w]) {
+                *out = keep.max(add + v);
             }
+            let row = &mut take[pi * row_words..(pi + 1) * row_words];
+            for (word, (new, old)) in row.iter_mut().zip(next.chunks(64).zip(dp.chunks(64))) {
+                let mut mask = 0u64;
+                for (bit, (a, b)) in new.iter().zip(old).enumerate() {
+                    mask |= ((a != b) as u64) << bit;
+                }
+                *word = mask;
+            }
+            std::mem::swap(&mut dp, &mut next);
         }
+        let v = v as u128;
         prefix_bytes += classes[piece.class].bytes as u128 * piece.count as u128;
         prefix_value += v;
         if groups[next_group].1 != pi {
@@ -347,7 +377,7 @@ pub(super) fn choose_resident(
                 continue;
             }
             let units = (((capacity as u128 - need) / unit as u128) as usize).min(cells - 1);
-            let value = forced_value + dp[units];
+            let value = forced_value + dp[units] as u128;
             let slot = &mut best[k as usize - 1];
             let better = match slot {
                 Some((b, _, _)) => value > *b,
@@ -369,8 +399,7 @@ pub(super) fn choose_resident(
     let mut keep = vec![0u64; classes.len()];
     let mut c = units;
     for pi in (0..=groups[group].1).rev() {
-        let bit = pi * cells + c;
-        if take[bit / 64] >> (bit % 64) & 1 == 1 {
+        if take[pi * row_words + c / 64] >> (c % 64) & 1 == 1 {
             keep[pieces[pi].class] += pieces[pi].count;
             c -= weight(&pieces[pi]) as usize;
         }
@@ -420,6 +449,34 @@ pub(super) fn choose_resident(
             largest_kept = Some(bytes[i]);
         }
     }
+
+    // Swap pass: rounding can leave a resident layer that re-reads fewer bytes than a streamed
+    // one of about the same size. Trade them when the room allows; only layers no larger than
+    // the slot start streaming, so the slot never grows. (An exact table leaves nothing to gain.)
+    let slot = (0..n)
+        .filter(|&i| !resident[i])
+        .map(|i| bytes[i])
+        .max()
+        .unwrap_or(0);
+    let mut slack = (capacity as u128).saturating_sub(resident_bytes + k as u128 * slot as u128);
+    let mut incoming: Vec<usize> = (0..n).filter(|&i| !resident[i]).collect();
+    incoming.sort_unstable_by(|&a, &b| values[b].cmp(&values[a]));
+    let mut outgoing: Vec<usize> = (0..n)
+        .filter(|&i| resident[i] && bytes[i] > 0 && bytes[i] <= slot)
+        .collect();
+    outgoing.sort_unstable_by_key(|&i| values[i]);
+    for &s in &incoming {
+        let found = outgoing.iter().position(|&r| {
+            resident[r] && values[r] < values[s] && bytes[r] as u128 + slack >= bytes[s] as u128
+        });
+        if let Some(pos) = found {
+            let r = outgoing.remove(pos);
+            resident[s] = true;
+            resident[r] = false;
+            slack = slack + bytes[r] as u128 - bytes[s] as u128;
+        }
+    }
+
     let slot_bytes = (0..n)
         .filter(|&i| !resident[i])
         .map(|i| bytes[i])

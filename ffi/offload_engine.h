@@ -1,0 +1,319 @@
+/*
+ * offload_engine.h: the C ABI of offload-engine.
+ *
+ * offload-engine lets a ggml host run a model whose weights do not all fit in device memory:
+ * it registers the host's weight tensors, plans which layers stay on the device and which
+ * stream, and moves streamed layers into a device arena just before they run, overlapping
+ * the copies with compute. Outputs are bit-identical to a fully resident run.
+ *
+ * Conventions
+ *  - Every fallible call returns an offload_engine_status; OFFLOAD_ENGINE_OK is 0. Status
+ *    numbers are fixed and never reused.
+ *  - On failure, offload_engine_last_error() describes the most recent failed call made on
+ *    the calling thread. Out-parameters are written only on success.
+ *  - Handles are opaque. Each _new has a _free; _free(NULL) is a no-op, and freeing a handle
+ *    that is not live is ignored (logged). A NULL, freed or wrong-kind handle passed to any
+ *    other call returns OFFLOAD_ENGINE_ERR_NULL_POINTER or OFFLOAD_ENGINE_ERR_INVALID_HANDLE.
+ *    (A freed handle whose address was reused by a new handle of the same kind cannot be
+ *    told apart: do not use handles after _free.)
+ *  - Parameter and result structs start with `size`: fill parameter structs with the matching
+ *    *_params_init() and set `size` of result structs to sizeof(struct) before the call, so
+ *    the structs can grow without breaking older callers.
+ *  - Strings returned by the library are NUL-terminated and owned by the library; each call
+ *    says how long they stay valid. Strings passed in must be NUL-terminated UTF-8.
+ *  - Threads: the library functions without a handle are thread-safe. A handle may be used
+ *    from any thread, but calls on one handle must not overlap; an overlapping call returns
+ *    OFFLOAD_ENGINE_ERR_INVALID_STATE instead of racing. Log callbacks may be invoked from
+ *    the engine's copy thread.
+ *  - No call aborts the process: inputs are checked before they reach ggml, and internal
+ *    panics are caught and returned as OFFLOAD_ENGINE_ERR_INTERNAL.
+ */
+#ifndef OFFLOAD_ENGINE_H
+#define OFFLOAD_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ggml_tensor;
+struct ggml_context;
+struct ggml_backend;
+
+/* ---------------------------------------------------------------------------------------
+ * Status, errors, version, logging
+ * ------------------------------------------------------------------------------------- */
+
+typedef enum offload_engine_status {
+    OFFLOAD_ENGINE_OK = 0,
+    OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT = 1,
+    OFFLOAD_ENGINE_ERR_NULL_POINTER = 2,
+    OFFLOAD_ENGINE_ERR_INVALID_HANDLE = 3,
+    OFFLOAD_ENGINE_ERR_NOT_FOUND = 4,
+    OFFLOAD_ENGINE_ERR_ALREADY_EXISTS = 5,
+    OFFLOAD_ENGINE_ERR_IO = 6,
+    OFFLOAD_ENGINE_ERR_CORRUPT_FILE = 7,
+    OFFLOAD_ENGINE_ERR_INSUFFICIENT_MEMORY = 8, /* the plan cannot fit the budget */
+    OFFLOAD_ENGINE_ERR_BACKEND = 9,
+    OFFLOAD_ENGINE_ERR_INVALID_STATE = 10, /* call out of sequence or overlapping */
+    OFFLOAD_ENGINE_ERR_INTERNAL = 11,
+    OFFLOAD_ENGINE_ERR_UNSUPPORTED = 12,
+    OFFLOAD_ENGINE_ERR_OUT_OF_MEMORY = 13 /* an allocation failed */
+} offload_engine_status;
+
+/* Library version, e.g. "0.1.0". Static string. */
+const char *offload_engine_version(void);
+
+/* Short description of a status code (any int). Static string. */
+const char *offload_engine_status_str(int status);
+
+/* Message of the most recent failed call on this thread ("" if none). Valid until the next
+ * failed call on this thread. */
+const char *offload_engine_last_error(void);
+
+typedef enum offload_engine_log_level {
+    OFFLOAD_ENGINE_LOG_TRACE = 0,
+    OFFLOAD_ENGINE_LOG_DEBUG = 1,
+    OFFLOAD_ENGINE_LOG_INFO = 2,
+    OFFLOAD_ENGINE_LOG_WARN = 3,
+    OFFLOAD_ENGINE_LOG_ERROR = 4
+} offload_engine_log_level;
+
+/* `message` is valid only during the callback. May be called from any library thread. */
+typedef void (*offload_engine_log_fn)(int level, const char *message, void *user);
+
+/* Routes library logs to `callback` (NULL restores the default: stderr, filtered by the
+ * RUST_LOG environment variable, e.g. RUST_LOG=offload_engine=debug). */
+int offload_engine_log_set_callback(offload_engine_log_fn callback, void *user);
+
+/* Test hook: makes the `countdown`-th check of a fault point fail once.
+ * fault: 0 device allocation, 1 layer copy, 2 panic in the copy thread, 3 file read. */
+int offload_engine_debug_inject_fault(int fault, uint32_t countdown);
+void offload_engine_debug_clear_faults(void);
+
+/* ---------------------------------------------------------------------------------------
+ * Registry: the weight tensors, grouped into layers in execution order
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct offload_engine_registry offload_engine_registry;
+
+typedef enum offload_engine_location {
+    OFFLOAD_ENGINE_LOCATION_HOST = 0,
+    OFFLOAD_ENGINE_LOCATION_PINNED = 1,
+    OFFLOAD_ENGINE_LOCATION_DEVICE = 2,
+    OFFLOAD_ENGINE_LOCATION_FILE = 3
+} offload_engine_location;
+
+typedef struct offload_engine_registry_params {
+    size_t size;
+    /* Built-in pattern name ("flux", "llama_gguf", ... ) or a regex with one capture group
+     * for the layer index (optionally a named group `kind`). NULL: detect from the names.
+     * Borrowed during offload_engine_registry_new only. */
+    const char *pattern;
+} offload_engine_registry_params;
+
+typedef struct offload_engine_tensor_info {
+    size_t size;           /* set to sizeof(offload_engine_tensor_info) before the call */
+    const char *name;      /* valid until the next call on the registry */
+    int ggml_type;         /* enum ggml_type */
+    int n_dims;
+    int64_t ne[4];
+    uint64_t bytes;
+    int64_t layer;         /* -1: the global group (always resident) */
+    int location;          /* offload_engine_location */
+    const char *component; /* "diffusion_model", "text_encoder", ...; as `name` */
+} offload_engine_tensor_info;
+
+typedef struct offload_engine_layer_info {
+    size_t size; /* set to sizeof(offload_engine_layer_info) before the call */
+    const char *name; /* e.g. "double_blocks.5"; valid until the next call on the registry */
+    uint64_t tensor_count;
+    uint64_t bytes;
+    int location; /* offload_engine_location */
+    const char *component;
+} offload_engine_layer_info;
+
+void offload_engine_registry_params_init(offload_engine_registry_params *params);
+int offload_engine_registry_new(const offload_engine_registry_params *params, offload_engine_registry **registry_out);
+void offload_engine_registry_free(offload_engine_registry *registry);
+
+/* Registers a host tensor. `name` NULL uses the name ggml holds. The tensor's data must be
+ * allocated in host memory; the tensor must stay alive, at the same address, as long as this
+ * registry or any engine made from it. Duplicate names: ERR_ALREADY_EXISTS. `id_out` may be
+ * NULL. */
+int offload_engine_registry_add_tensor(offload_engine_registry *registry, struct ggml_tensor *tensor, const char *name, uint64_t *id_out);
+
+/* Registers every tensor of a context (same rules as add_tensor). `count_out` may be NULL. */
+int offload_engine_registry_add_context(offload_engine_registry *registry, struct ggml_context *ctx, size_t *count_out);
+
+/* Registers every tensor a GGUF file describes (no weights are read). All or nothing: a
+ * corrupt file adds nothing and returns ERR_CORRUPT_FILE naming the problem. */
+int offload_engine_registry_add_gguf(offload_engine_registry *registry, const char *path, size_t *count_out);
+
+/* Registers a tensor by description only (planning and simulation). `ne` holds n_dims (1..4)
+ * positive sizes. */
+int offload_engine_registry_add_descriptor(offload_engine_registry *registry, const char *name, int ggml_type, int n_dims, const int64_t *ne, uint64_t *id_out);
+
+int offload_engine_registry_tensor_count(offload_engine_registry *registry, size_t *count_out);
+int offload_engine_registry_layer_count(offload_engine_registry *registry, size_t *count_out);
+int offload_engine_registry_global_bytes(offload_engine_registry *registry, uint64_t *bytes_out);
+int offload_engine_registry_total_bytes(offload_engine_registry *registry, uint64_t *bytes_out);
+
+/* Detected (or chosen) architecture pattern; valid until the next call on the registry. */
+int offload_engine_registry_architecture(offload_engine_registry *registry, const char **name_out);
+
+/* Tensor id by name: ERR_NOT_FOUND if unknown. Ids from another registry: ERR_INVALID_HANDLE. */
+int offload_engine_registry_find(offload_engine_registry *registry, const char *name, uint64_t *id_out);
+int offload_engine_registry_tensor_info(offload_engine_registry *registry, uint64_t id, offload_engine_tensor_info *info_out);
+int offload_engine_registry_layer_info(offload_engine_registry *registry, uint64_t layer, offload_engine_layer_info *info_out);
+
+/* Writes the ids of a layer's tensors to `ids_out` (capacity entries); `count_out` receives
+ * the number. Too small a capacity is ERR_INVALID_ARGUMENT (layer_info gives the count). */
+int offload_engine_registry_layer_tensors(offload_engine_registry *registry, uint64_t layer, uint64_t *ids_out, size_t capacity, size_t *count_out);
+
+/* ---------------------------------------------------------------------------------------
+ * Plans: what stays on the device, what streams, and what it costs
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct offload_engine_plan offload_engine_plan;
+
+typedef enum offload_engine_plan_mode {
+    OFFLOAD_ENGINE_MODE_FULL = 0,
+    OFFLOAD_ENGINE_MODE_STREAMING = 1,
+    OFFLOAD_ENGINE_MODE_INSUFFICIENT = 2
+} offload_engine_plan_mode;
+
+typedef struct offload_engine_plan_params {
+    size_t size;
+    uint64_t free_bytes;     /* free device memory; 0 with an engine: measure the device */
+    uint64_t total_bytes;    /* device capacity (informational; 0: same as free) */
+    uint64_t min_free_bytes; /* left free on the device (default 512 MiB) */
+    double safety_fraction;  /* of free memory the plan may use (default 0.90) */
+    uint64_t compute_reserve_bytes; /* the host's compute buffers */
+    uint64_t persistent_bytes;      /* KV cache, persistent activations */
+    uint32_t steps;                 /* default 1 */
+    uint32_t passes_per_step;       /* 2 with classifier-free guidance; default 1 */
+    uint32_t prefetch_depth;        /* layers copied ahead; default 1 */
+    const char *link;  /* "pcie4-x16", "pcie3-x16", "usb2", "nvme", "ddr4", ...; NULL: pcie4-x16 */
+    double link_gbps;  /* overrides `link` when non-zero */
+} offload_engine_plan_params;
+
+typedef struct offload_engine_plan_summary {
+    size_t size; /* set to sizeof(offload_engine_plan_summary) before the call */
+    int mode;    /* offload_engine_plan_mode */
+    uint64_t resident_layer_count;
+    uint64_t streamed_layer_count;
+    uint32_t slot_count;
+    uint64_t slot_bytes;
+    uint64_t arena_bytes;
+    uint64_t device_bytes;
+    uint64_t usable_bytes;
+    uint64_t full_cache_bytes;
+    uint64_t streaming_bytes;
+    uint64_t layer_bytes_max;
+    uint64_t bytes_per_pass;
+    uint64_t bytes_per_step;
+    uint64_t bytes_per_run;
+    double predicted_step_seconds;
+} offload_engine_plan_summary;
+
+void offload_engine_plan_params_init(offload_engine_plan_params *params);
+
+/* Plans a registered model against a simulated device (no device needed). When nothing
+ * fits, returns ERR_INSUFFICIENT_MEMORY and last_error() gives the bytes each mode needs,
+ * the bytes available and the options. */
+int offload_engine_plan_new(offload_engine_registry *registry, const offload_engine_plan_params *params, offload_engine_plan **plan_out);
+void offload_engine_plan_free(offload_engine_plan *plan);
+int offload_engine_plan_summary(const offload_engine_plan *plan, offload_engine_plan_summary *summary_out);
+int offload_engine_plan_layer_resident(const offload_engine_plan *plan, uint64_t layer, int *resident_out);
+
+/* Human-readable explanation of the plan; valid until the plan is freed ("" for a bad handle). */
+const char *offload_engine_plan_message(const offload_engine_plan *plan);
+
+/* ---------------------------------------------------------------------------------------
+ * Engine: streaming on a ggml device
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct offload_engine_engine offload_engine_engine;
+
+typedef struct offload_engine_engine_params {
+    size_t size;
+    const char *device;      /* ggml device name ("CPU", "CUDA0", "Vulkan0"); NULL: first GPU, else CPU */
+    uint64_t budget_bytes;   /* device memory the engine may use; 0: measure free memory */
+    uint64_t min_free_bytes; /* kept free when measuring (default 512 MiB) */
+    double safety_fraction;  /* of measured free memory (default 0.90) */
+    uint32_t prefetch_depth; /* default 1 */
+    int compute_threads;     /* CPU backend threads (default 1) */
+    int trace;               /* non-zero: record a timeline for offload_engine_engine_trace_write */
+} offload_engine_engine_params;
+
+typedef struct offload_engine_stats {
+    size_t size; /* set to sizeof(offload_engine_stats) before the call */
+    uint64_t passes;
+    uint64_t layer_loads;
+    uint64_t bytes_copied;
+    uint64_t copy_us;
+    uint64_t wait_us;
+    uint64_t compute_us;
+    uint64_t prefetch_hits;
+    uint64_t prefetch_misses;
+    uint64_t arena_bytes;
+    uint64_t arena_peak_bytes;
+} offload_engine_stats;
+
+typedef struct offload_engine_layer_stats {
+    size_t size; /* set to sizeof(offload_engine_layer_stats) before the call */
+    int resident;
+    uint64_t loads;
+    uint64_t bytes;
+    uint64_t wait_us;
+    uint64_t compute_us;
+    uint64_t evict_us;
+} offload_engine_layer_stats;
+
+void offload_engine_engine_params_init(offload_engine_engine_params *params);
+
+/* Creates an engine over a copy of `registry` (tensor ids stay valid; the registry may be
+ * freed afterwards, the tensors may not). The engine owns a compute backend on its device:
+ * run the host's graphs on it (offload_engine_engine_backend). */
+int offload_engine_engine_new(const offload_engine_engine_params *params, offload_engine_registry *registry, offload_engine_engine **engine_out);
+
+/* Restores every registered tensor to its host memory, joins the copy thread and frees the
+ * device arena. Safe with a pass open or copies in flight. */
+void offload_engine_engine_free(offload_engine_engine *engine);
+
+/* The engine's compute backend; owned by the engine, valid until engine_free. */
+int offload_engine_engine_backend(offload_engine_engine *engine, struct ggml_backend **backend_out);
+
+/* Plans with `params` (free_bytes 0: the engine's budget or the device's free memory),
+ * allocates the device arena once and places the resident layers. `plan_out` may be NULL;
+ * otherwise the caller frees it. Once per engine. */
+int offload_engine_engine_prepare(offload_engine_engine *engine, const offload_engine_plan_params *params, offload_engine_plan **plan_out);
+
+/* One forward pass of the model: begin, then for each layer in execution order
+ * layer_begin / (build and compute the layer's graph) / layer_end, then end.
+ * layer_begin waits only if that layer's copy is not done and points its tensors at device
+ * memory; layer_end points them back at host memory and frees the slot. One layer is open at
+ * a time; out-of-order layers work (loaded on demand). */
+int offload_engine_engine_pass_begin(offload_engine_engine *engine);
+int offload_engine_engine_pass_end(offload_engine_engine *engine);
+int offload_engine_engine_layer_begin(offload_engine_engine *engine, uint64_t layer);
+int offload_engine_engine_layer_end(offload_engine_engine *engine, uint64_t layer);
+
+/* Waits for in-flight copies and returns streamed layers to host memory (closes any pass). */
+int offload_engine_engine_offload_all(offload_engine_engine *engine);
+
+int offload_engine_engine_stats(offload_engine_engine *engine, offload_engine_stats *stats_out);
+int offload_engine_engine_layer_stats(offload_engine_engine *engine, uint64_t layer, offload_engine_layer_stats *stats_out);
+int offload_engine_engine_stats_reset(offload_engine_engine *engine);
+
+/* Writes the recorded timeline as Chrome trace-event JSON (needs params.trace). */
+int offload_engine_engine_trace_write(offload_engine_engine *engine, const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* OFFLOAD_ENGINE_H */
