@@ -333,8 +333,8 @@ impl Engine {
                 &config,
             ) {
                 Ok(streamer) => {
-                    for layer in 0..images.len() {
-                        let location = if resident[layer] {
+                    for (layer, &is_resident) in resident.iter().enumerate().take(images.len()) {
+                        let location = if is_resident {
                             Location::Device
                         } else {
                             Location::Host
@@ -356,7 +356,7 @@ impl Engine {
                     plan.streamed_layers.push(dropped);
                     plan.streamed_layers.sort_unstable();
                     if plan.slot_count == 0 {
-                        plan.slot_count = workload.prefetch_depth.max(0) + 1;
+                        plan.slot_count = workload.prefetch_depth + 1;
                     }
                     plan.mode = planner::Mode::Streaming;
                 }

@@ -228,7 +228,7 @@ impl Executor {
             current = 1 - current;
             layer = end;
         }
-        if let Some(engine) = engine.as_deref_mut() {
+        if let Some(engine) = engine {
             engine.end_pass()?;
         }
         let ctx = Self::graph_context()?;

@@ -3,6 +3,10 @@
 //! Handles are checked against a table of live handles, so NULL, freed or foreign pointers
 //! give `OFFLOAD_ENGINE_ERR_INVALID_HANDLE` instead of undefined behaviour.
 
+// Exports take raw pointers by design: their validity is the caller's side of the contract
+// written in the header, and every dereference below is checked for NULL first.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -116,7 +120,7 @@ fn retire<T>(ptr: *mut T, kind: Kind) {
     }
 }
 
-fn out<T>(ptr: *mut T, what: &str) -> Result<&mut T> {
+fn out<'a, T>(ptr: *mut T, what: &str) -> Result<&'a mut T> {
     // SAFETY: non-null out-pointers are the caller's writable storage per the header.
     unsafe { ptr.as_mut() }
         .ok_or_else(|| Error::new(Status::NullPointer, format!("{what} is NULL")))

@@ -166,9 +166,9 @@ impl Registry {
 
     /// Parses a pattern argument: a built-in name, or a user regex (anything with regex syntax).
     pub fn pattern_from_arg(arg: &str) -> Result<Pattern> {
-        if patterns::builtin_names().contains(&arg) {
-            Pattern::builtin(arg)
-        } else if arg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        // A bare identifier is meant as a built-in name: an unknown one should say so rather
+        // than silently become a regex that matches nothing.
+        if arg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             Pattern::builtin(arg)
         } else {
             Pattern::user(arg, &[])

@@ -107,11 +107,11 @@ pub struct Budget {
 const MIB: u64 = 1 << 20;
 
 impl Budget {
-    /// Default margins for `free` bytes free (total taken as `free`).
+    /// Default margins for `free` bytes free; the device total is left unknown (0).
     pub fn from_free(free: u64) -> Budget {
         Budget {
             free_bytes: free,
-            total_bytes: free,
+            total_bytes: 0,
             min_free_bytes: 512 * MIB,
             safety_fraction: 0.90,
             compute_reserve_bytes: 0,
@@ -221,7 +221,9 @@ pub struct Plan {
     pub resident_layers: Vec<usize>,
     /// Layer indices uploaded on every pass (all layers when insufficient).
     pub streamed_layers: Vec<usize>,
-    /// Streaming buffers (prefetch depth + 1; fewer if that many do not fit; 0 when none).
+    /// Streaming buffers: prefetch depth + 1, at most one per non-empty layer, fewer when that
+    /// many do not fit (the message says so); 0 in full mode. Hosts should run with an
+    /// effective prefetch depth of `slot_count - 1`.
     pub slot_count: u32,
     /// Size of each slot: the largest streamed layer.
     pub slot_bytes: u64,
@@ -401,8 +403,9 @@ pub fn plan(model: &ModelCost, budget: &Budget, workload: &Workload, link: &Link
         .map(|i| (!resident[i] && values[i] > 0).then(|| link.transfer_seconds(values[i])))
         .collect();
     let passes = workload.passes_per_step as f64;
-    plan.predicted_compute_seconds = passes * compute.iter().sum::<f64>();
-    plan.predicted_transfer_seconds = passes * copy.iter().flatten().sum::<f64>();
+    // fold from +0.0: an empty f64 sum is -0.0, which would print as "-0.0000 s".
+    plan.predicted_compute_seconds = passes * compute.iter().fold(0.0, |a, c| a + c);
+    plan.predicted_transfer_seconds = passes * copy.iter().flatten().fold(0.0, |a, t| a + t);
     plan.predicted_step_seconds =
         schedule::step_seconds(&compute, &copy, slot_count.max(1), workload.passes_per_step);
 
@@ -567,7 +570,7 @@ fn insufficient_message(
         msg.push_str(" (2) quantizing cannot help: no device memory is usable;");
     }
     msg.push_str(
-        " (3) if host RAM is also short, keep the weights on disk and stream them (nvme link);\
+        " (3) if host RAM is also short, keep the weights on disk and stream them (nvme link); \
          (4) run the model, or the layers that do not fit, on the CPU (see planner::advise).",
     );
     msg
@@ -725,11 +728,13 @@ pub fn memory_bar(plan: &Plan, budget: &Budget, width: usize) -> String {
             format_bytes(resident),
             plan.resident_layers.len()
         ));
-        legend.push(format!(
-            "~ slots {} x {}",
-            plan.slot_count,
-            format_bytes(plan.slot_bytes)
-        ));
+        if plan.slot_count > 0 {
+            legend.push(format!(
+                "~ slots {} x {}",
+                plan.slot_count,
+                format_bytes(plan.slot_bytes)
+            ));
+        }
         legend.push(format!("+ reserves {}", format_bytes(reserves)));
     }
     legend.push(format!(
@@ -760,7 +765,7 @@ pub fn bench_plan_1000_layers() -> f64 {
     start.elapsed().as_secs_f64() / iterations as f64
 }
 
-pub fn bench_case() -> (ModelCost, Budget, Workload) {
+fn bench_case() -> (ModelCost, Budget, Workload) {
     let layers: Vec<LayerCost> = (0..1000u64)
         .map(|i| {
             // 40-52 MiB blocks with 4 KiB-granular jitter; every fourth carries cross-attention

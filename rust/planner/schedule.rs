@@ -259,7 +259,8 @@ pub(super) fn choose_resident(
 ) -> Option<Selection> {
     let n = bytes.len();
     let mut order: Vec<usize> = (0..n).filter(|&i| bytes[i] > 0).collect();
-    order.sort_unstable_by_key(|&i| (bytes[i], values[i]));
+    // Index last, so each class lists its layers in execution order.
+    order.sort_unstable_by_key(|&i| (bytes[i], values[i], i));
     if order.is_empty() {
         return None;
     }
