@@ -310,8 +310,12 @@ impl Engine {
         };
         let budget = self.budget();
         let mut plan = planner::plan(&model, &budget, workload, link)?.into_result()?;
+        // The plan may have shrunk the ring to fit; prefetch as deep as the slots allow.
         let config = StreamConfig {
-            prefetch_depth: workload.prefetch_depth,
+            prefetch_depth: plan
+                .slot_count
+                .saturating_sub(1)
+                .min(workload.prefetch_depth),
             trace: self.params.trace,
         };
         // The device may refuse the arena even when the numbers said it fits (fragmentation,

@@ -710,7 +710,7 @@ pub fn memory_bar(plan: &Plan, budget: &Budget, width: usize) -> String {
     let bar: String = parts
         .iter()
         .zip(&cells)
-        .flat_map(|(&(ch, _), &c)| std::iter::repeat(ch).take(c))
+        .flat_map(|(&(ch, _), &c)| std::iter::repeat_n(ch, c))
         .collect();
     let mut legend = Vec::new();
     if other > 0 {
