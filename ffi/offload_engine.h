@@ -226,7 +226,7 @@ void offload_engine_plan_params_init(offload_engine_plan_params *params);
  * the bytes available and the options. */
 int offload_engine_plan_new(offload_engine_registry *registry, const offload_engine_plan_params *params, offload_engine_plan **plan_out);
 void offload_engine_plan_free(offload_engine_plan *plan);
-int offload_engine_plan_summary(const offload_engine_plan *plan, offload_engine_plan_summary *summary_out);
+int offload_engine_plan_get_summary(const offload_engine_plan *plan, offload_engine_plan_summary *summary_out);
 int offload_engine_plan_layer_resident(const offload_engine_plan *plan, uint64_t layer, int *resident_out);
 
 /* Human-readable explanation of the plan; valid until the plan is freed ("" for a bad handle). */
@@ -311,6 +311,38 @@ int offload_engine_engine_stats_reset(offload_engine_engine *engine);
 
 /* Writes the recorded timeline as Chrome trace-event JSON (needs params.trace). */
 int offload_engine_engine_trace_write(offload_engine_engine *engine, const char *path);
+
+/* ---------------------------------------------------------------------------------------
+ * The three-stage executor: for hosts that split a forward into an input stage, one stage
+ * per layer and an output stage. The engine runs the stages on its backend, keeps the
+ * activation in two persistent device tensors between layers, runs consecutive resident
+ * layers as one graph, and brackets every layer with layer_begin/layer_end itself.
+ * Callbacks run on the calling thread, must not throw, and build nodes in the no-alloc
+ * context they are given (valid only during the callback and the graph's compute).
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct offload_engine_staged_model {
+    size_t size;          /* sizeof(offload_engine_staged_model) */
+    void *user;           /* passed to every callback */
+    uint64_t layer_count; /* must equal the registry's layer count */
+    int64_t activation_ne[2]; /* the activation passed between layers (stored as f32) */
+    /* Returns the first activation (any tensor with ne[0]*ne[1] elements). */
+    struct ggml_tensor *(*build_input)(void *user, struct ggml_context *ctx);
+    /* Optional: called once the input graph is allocated, before it runs; set input data
+     * with ggml_backend_tensor_set here. Non-zero return aborts the pass. */
+    int (*set_inputs)(void *user);
+    /* Returns layer `layer`'s output from activation `x` (same element count). */
+    struct ggml_tensor *(*build_layer)(void *user, struct ggml_context *ctx, uint64_t layer, struct ggml_tensor *x);
+    /* Returns the final output from the last activation. */
+    struct ggml_tensor *(*build_output)(void *user, struct ggml_context *ctx, struct ggml_tensor *x);
+} offload_engine_staged_model;
+
+/* Runs one pass (the engine must be prepared). Copies the output tensor's bytes to `output`
+ * (may be NULL to only learn the size; too small a capacity is ERR_INVALID_ARGUMENT) and
+ * writes its size to `output_size_out` (may be NULL). A NULL or wrongly shaped tensor from a
+ * callback is ERR_INVALID_ARGUMENT, never a ggml abort; on error the pass is abandoned and
+ * the engine stays usable. */
+int offload_engine_engine_run_pass(offload_engine_engine *engine, const offload_engine_staged_model *model, void *output, size_t output_capacity, size_t *output_size_out);
 
 #ifdef __cplusplus
 }

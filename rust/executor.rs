@@ -18,6 +18,11 @@ pub struct InputFill {
 /// A model the executor can run. Builders create graph nodes in `ctx` (a no-alloc context).
 pub trait LayeredModel {
     fn layer_count(&self) -> usize;
+    /// Called after the input graph is allocated and before it runs: the place to copy
+    /// input data into input tensors (for models that do not return `InputFill`s).
+    fn after_input_alloc(&self) -> Result<()> {
+        Ok(())
+    }
     /// Shape of the persistent activation (f32): [ne0, ne1].
     fn activation_shape(&self) -> [i64; 2];
     /// # Safety
@@ -73,7 +78,9 @@ const GRAPH_NODES: usize = 16384;
 
 /// Runs passes of a `LayeredModel` on one backend, with or without an engine.
 pub struct Executor {
-    backend: sys::ggml_backend_t,
+    /// Borrowed: the engine's (or host's) compute backend.
+    backend: Backend,
+    activation_elements: i64,
     allocator: NonNull<sys::ggml_gallocr>,
     _act_ctx: Context,
     act_buffer: NonNull<sys::ggml_backend_buffer>,
@@ -112,7 +119,8 @@ impl Executor {
             )
         })?;
         Ok(Executor {
-            backend: backend.raw(),
+            backend: Backend::borrowed(backend.raw())?,
+            activation_elements: shape[0] * shape[1],
             allocator,
             _act_ctx: act_ctx,
             act_buffer,
@@ -125,6 +133,7 @@ impl Executor {
         ctx: &Context,
         out: *mut sys::ggml_tensor,
         fills: &[InputFill],
+        after_alloc: Option<&dyn Fn() -> Result<()>>,
     ) -> Result<()> {
         // SAFETY: building a graph in a valid context from tensors of that context.
         let graph = unsafe { sys::ggml_new_graph_custom(ctx.raw(), GRAPH_NODES, false) };
@@ -148,11 +157,11 @@ impl Executor {
                 sys::ggml_backend_tensor_set(fill.tensor, fill.bytes.as_ptr().cast(), 0, size)
             };
         }
-        let backend = Backend::borrowed(self.backend)?;
+        if let Some(hook) = after_alloc {
+            hook()?;
+        }
         // SAFETY: the graph is fully allocated on buffers of this backend's device.
-        let result = unsafe { backend.compute(graph) };
-        std::mem::forget(backend);
-        result
+        unsafe { self.backend.compute(graph) }
     }
 
     fn graph_context() -> Result<Context> {
@@ -165,8 +174,43 @@ impl Executor {
     }
 
     /// One forward pass. With an engine, each layer is bracketed by begin/end so streamed
-    /// layers are on the device exactly while their graph runs.
+    /// layers are on the device exactly while their graph runs. On error the engine's pass
+    /// is abandoned (`offload_all`), so the engine stays usable.
     pub fn run_pass(
+        &mut self,
+        model: &dyn LayeredModel,
+        mut engine: Option<&mut Engine>,
+    ) -> Result<Vec<u8>> {
+        let result = self.run_pass_inner(model, engine.as_deref_mut());
+        if result.is_err() {
+            if let Some(engine) = engine {
+                let _ = engine.offload_all();
+            }
+        }
+        result
+    }
+
+    /// Checks what a builder returned before ggml sees it: ggml asserts abort the process.
+    fn check_built(
+        &self,
+        tensor: *mut sys::ggml_tensor,
+        what: &str,
+    ) -> Result<*mut sys::ggml_tensor> {
+        if tensor.is_null() {
+            return Err(Error::invalid(format!("{what} returned NULL")));
+        }
+        // SAFETY: a non-null tensor from the builder, created in our context.
+        let elements = unsafe { sys::ggml_nelements(tensor) };
+        if elements != self.activation_elements {
+            return Err(Error::invalid(format!(
+                "{what} returned a tensor of {elements} elements; the activation has {}",
+                self.activation_elements
+            )));
+        }
+        Ok(tensor)
+    }
+
+    fn run_pass_inner(
         &mut self,
         model: &dyn LayeredModel,
         mut engine: Option<&mut Engine>,
@@ -176,22 +220,23 @@ impl Executor {
             let ctx = Self::graph_context()?;
             // SAFETY: builders get a valid no-alloc context.
             let (x0, fills) = unsafe { model.build_input(ctx.raw()) };
-            // SAFETY: copy into the persistent activation (same shape, f32).
+            let x0 = self.check_built(x0, "the input stage")?;
+            // SAFETY: copy into the persistent activation (same element count, checked).
             let out = unsafe { sys::ggml_cpy(ctx.raw(), x0, self.activations[0]) };
-            self.compute(&ctx, out, &fills)?;
+            self.compute(&ctx, out, &fills, Some(&|| model.after_input_alloc()))?;
         }
         if let Some(engine) = engine.as_deref_mut() {
             engine.begin_pass()?;
         }
         let layers = model.layer_count();
+        let resident = |l: usize, e: &Option<&mut Engine>| {
+            e.as_ref()
+                .and_then(|e| e.streamer_ref())
+                .is_none_or(|s| s.is_resident(l))
+        };
         let mut layer = 0;
         while layer < layers {
             // Consecutive resident layers form one graph; a streamed layer runs alone.
-            let resident = |l: usize, e: &Option<&mut Engine>| {
-                e.as_ref()
-                    .and_then(|e| e.streamer_ref())
-                    .is_none_or(|s| s.is_resident(l))
-            };
             let mut end = layer + 1;
             if resident(layer, &engine) {
                 while end < layers && resident(end, &engine) {
@@ -211,19 +256,13 @@ impl Executor {
             for l in layer..end {
                 // SAFETY: builders get a valid context and an activation-shaped tensor.
                 x = unsafe { model.build_layer(ctx.raw(), l, x) };
+                x = self.check_built(x, "the layer stage")?;
             }
-            // SAFETY: copy into the other persistent activation.
+            // SAFETY: copy into the other persistent activation (element count checked).
             let out = unsafe { sys::ggml_cpy(ctx.raw(), x, self.activations[1 - current]) };
-            let computed = self.compute(&ctx, out, &[]);
+            self.compute(&ctx, out, &[], None)?;
             if let Some(engine) = engine.as_deref_mut() {
-                let ended = engine.end_layer(end - 1);
-                if computed.is_err() {
-                    let _ = engine.end_pass();
-                }
-                computed?;
-                ended?;
-            } else {
-                computed?;
+                engine.end_layer(end - 1)?;
             }
             current = 1 - current;
             layer = end;
@@ -234,9 +273,12 @@ impl Executor {
         let ctx = Self::graph_context()?;
         // SAFETY: builder gets a valid context and the final activation.
         let out = unsafe { model.build_output(ctx.raw(), self.activations[current]) };
+        if out.is_null() {
+            return Err(Error::invalid("the output stage returned NULL"));
+        }
         // SAFETY: marks the result so the allocator keeps it until we read it.
         unsafe { sys::ggml_set_output(out) };
-        self.compute(&ctx, out, &[])?;
+        self.compute(&ctx, out, &[], None)?;
         // SAFETY: the output tensor is allocated and computed.
         let size = unsafe { sys::ggml_nbytes(out) };
         let mut bytes = vec![0u8; size];

@@ -18,6 +18,7 @@ use once_cell::sync::Lazy;
 
 use crate::engine::{Engine, EngineParams};
 use crate::error::{Error, Result, Status};
+use crate::executor::{Executor, InputFill, LayeredModel};
 use crate::ggml as sys;
 use crate::planner::{self, Budget, Link, ModelCost, Plan, Workload};
 use crate::registry::{Location, Registry, Source, TensorDesc, TensorId};
@@ -807,7 +808,7 @@ pub extern "C" fn offload_engine_plan_free(plan: *mut PlanHandle) {
 }
 
 #[no_mangle]
-pub extern "C" fn offload_engine_plan_summary(
+pub extern "C" fn offload_engine_plan_get_summary(
     plan: *const PlanHandle,
     summary_out: *mut PlanSummary,
 ) -> c_int {
@@ -917,8 +918,12 @@ pub struct LayerStatsC {
 }
 
 pub struct EngineHandle {
+    /// Declared first: dropped before the engine whose backend it borrows.
+    executor: Mutex<Option<(StagedShape, Executor)>>,
     inner: Mutex<Engine>,
 }
+
+type StagedShape = [i64; 2];
 
 fn engine<'a>(handle: *const EngineHandle) -> Result<std::sync::MutexGuard<'a, Engine>> {
     lock(&checked(handle, Kind::Engine)?.inner)
@@ -973,6 +978,7 @@ pub extern "C" fn offload_engine_engine_new(
         let engine = Engine::with_registry(params, source.registry.clone())?;
         *slot = publish(
             EngineHandle {
+                executor: Mutex::new(None),
                 inner: Mutex::new(engine),
             },
             Kind::Engine,
@@ -1118,5 +1124,166 @@ pub extern "C" fn offload_engine_engine_trace_write(
         let e = engine(handle)?;
         let path = PathBuf::from(text(path, "path")?);
         e.write_trace(&path)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The three-stage executor
+// ---------------------------------------------------------------------------------------
+
+type BuildInput =
+    unsafe extern "C" fn(user: *mut c_void, ctx: *mut sys::ggml_context) -> *mut sys::ggml_tensor;
+type SetInputs = unsafe extern "C" fn(user: *mut c_void) -> c_int;
+type BuildLayer = unsafe extern "C" fn(
+    user: *mut c_void,
+    ctx: *mut sys::ggml_context,
+    layer: u64,
+    x: *mut sys::ggml_tensor,
+) -> *mut sys::ggml_tensor;
+type BuildOutput = unsafe extern "C" fn(
+    user: *mut c_void,
+    ctx: *mut sys::ggml_context,
+    x: *mut sys::ggml_tensor,
+) -> *mut sys::ggml_tensor;
+
+#[repr(C)]
+pub struct StagedModelC {
+    pub size: usize,
+    pub user: *mut c_void,
+    pub layer_count: u64,
+    pub activation_ne: [i64; 2],
+    pub build_input: Option<BuildInput>,
+    pub set_inputs: Option<SetInputs>,
+    pub build_layer: Option<BuildLayer>,
+    pub build_output: Option<BuildOutput>,
+}
+
+/// A host's C callbacks seen as a `LayeredModel`.
+struct CallbackModel<'a> {
+    model: &'a StagedModelC,
+    build_input: BuildInput,
+    build_layer: BuildLayer,
+    build_output: BuildOutput,
+}
+
+impl LayeredModel for CallbackModel<'_> {
+    fn layer_count(&self) -> usize {
+        self.model.layer_count as usize
+    }
+
+    fn activation_shape(&self) -> [i64; 2] {
+        self.model.activation_ne
+    }
+
+    fn after_input_alloc(&self) -> Result<()> {
+        let Some(set_inputs) = self.model.set_inputs else {
+            return Ok(());
+        };
+        // SAFETY: the host's callback with the user pointer it gave us.
+        let status = unsafe { set_inputs(self.model.user) };
+        if status == 0 {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "the host's set_inputs callback failed ({status})"
+            )))
+        }
+    }
+
+    unsafe fn build_input(
+        &self,
+        ctx: *mut sys::ggml_context,
+    ) -> (*mut sys::ggml_tensor, Vec<InputFill>) {
+        // SAFETY: the host's callback; the executor checks what it returns.
+        (
+            unsafe { (self.build_input)(self.model.user, ctx) },
+            Vec::new(),
+        )
+    }
+
+    unsafe fn build_layer(
+        &self,
+        ctx: *mut sys::ggml_context,
+        layer: usize,
+        x: *mut sys::ggml_tensor,
+    ) -> *mut sys::ggml_tensor {
+        // SAFETY: as above.
+        unsafe { (self.build_layer)(self.model.user, ctx, layer as u64, x) }
+    }
+
+    unsafe fn build_output(
+        &self,
+        ctx: *mut sys::ggml_context,
+        x: *mut sys::ggml_tensor,
+    ) -> *mut sys::ggml_tensor {
+        // SAFETY: as above.
+        unsafe { (self.build_output)(self.model.user, ctx, x) }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_engine_run_pass(
+    handle: *mut EngineHandle,
+    model: *const StagedModelC,
+    output: *mut c_void,
+    output_capacity: usize,
+    output_size_out: *mut usize,
+) -> c_int {
+    boundary(|| {
+        let h = checked(handle, Kind::Engine)?;
+        let mut engine = lock(&h.inner)?;
+        let mut cached = lock(&h.executor)?;
+        // SAFETY: a non-null model pointer points to a struct the caller filled.
+        let model = unsafe { model.as_ref() }
+            .ok_or_else(|| Error::new(Status::NullPointer, "model is NULL"))?;
+        check_size(
+            model.size,
+            std::mem::size_of::<StagedModelC>(),
+            "staged model",
+        )?;
+        let (Some(build_input), Some(build_layer), Some(build_output)) =
+            (model.build_input, model.build_layer, model.build_output)
+        else {
+            return Err(Error::new(
+                Status::NullPointer,
+                "build_input, build_layer and build_output are required",
+            ));
+        };
+        let layers = engine.layer_count() as u64;
+        if model.layer_count != layers {
+            return Err(Error::invalid(format!(
+                "the model declares {} layers but the engine registered {layers}",
+                model.layer_count
+            )));
+        }
+        let shape = model.activation_ne;
+        if cached.as_ref().is_none_or(|(s, _)| *s != shape) {
+            *cached = None; // the old executor's buffers go before new ones are made
+            *cached = Some((shape, Executor::new(engine.backend(), shape)?));
+        }
+        let executor = &mut cached.as_mut().expect("set above").1;
+        let adapter = CallbackModel {
+            model,
+            build_input,
+            build_layer,
+            build_output,
+        };
+        let result = executor.run_pass(&adapter, Some(&mut engine))?;
+        if !output.is_null() {
+            if output_capacity < result.len() {
+                return Err(Error::invalid(format!(
+                    "the output needs {} bytes but the buffer holds {output_capacity}",
+                    result.len()
+                )));
+            }
+            // SAFETY: the caller provides `output_capacity` writable bytes at `output`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(result.as_ptr(), output.cast::<u8>(), result.len())
+            };
+        }
+        if let Some(slot) = unsafe_out(output_size_out) {
+            *slot = result.len();
+        }
+        Ok(())
     })
 }

@@ -741,9 +741,7 @@ impl Streamer {
         if let Some(slot) = slot {
             let evict_start = Instant::now();
             if let (Some(events), Some(backend)) = (&self.compute_done, self.compute_backend) {
-                let compute = Backend::borrowed(backend)?;
-                events[slot].record(&compute);
-                std::mem::forget(compute); // borrowed: never freed here
+                events[slot].record(&Backend::borrowed(backend)?);
             }
             self.restore(layer);
             let mut shared = self.sync.lock();
