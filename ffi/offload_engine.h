@@ -247,6 +247,11 @@ typedef struct offload_engine_engine_params {
     uint32_t prefetch_depth; /* default 1 */
     int compute_threads;     /* CPU backend threads (default 1) */
     int trace;               /* non-zero: record a timeline for offload_engine_engine_trace_write */
+    /* Cap on engine-owned staging copies of streamed layers (pinned where the device has
+     * pinned host memory, so copies run asynchronously). UINT64_MAX (the default): stage
+     * every streamed layer on devices with pinned memory, none elsewhere. If pinning fails
+     * the engine warns once and copies from the host's pageable memory. */
+    uint64_t pinned_limit_bytes;
 } offload_engine_engine_params;
 
 typedef struct offload_engine_stats {

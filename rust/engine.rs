@@ -4,7 +4,7 @@
 use std::ffi::CStr;
 use std::time::Instant;
 
-use crate::backend::{Backend, Device};
+use crate::backend::{Backend, Buffer, Device};
 use crate::error::{Error, Result, Status};
 use crate::ggml as sys;
 use crate::planner::{self, Budget, LayerCost, Link, ModelCost, Plan, Workload};
@@ -25,6 +25,10 @@ pub struct EngineParams {
     pub prefetch_depth: u32,
     pub compute_threads: i32,
     pub trace: bool,
+    /// Cap on engine-owned staging copies of streamed layers. `None`: stage everything on
+    /// devices with pinned host memory (async copies need it), nothing elsewhere. `Some(n)`
+    /// stages up to n bytes, in plain host memory where the device has no pinned kind.
+    pub pinned_limit_bytes: Option<u64>,
     /// Built-in pattern name or user regex; `None` detects the architecture.
     pub pattern: Option<String>,
 }
@@ -39,6 +43,7 @@ impl Default for EngineParams {
             prefetch_depth: 1,
             compute_threads: 1,
             trace: false,
+            pinned_limit_bytes: None,
             pattern: None,
         }
     }
@@ -270,6 +275,7 @@ impl Engine {
                         Ok(TensorPlace {
                             tensor,
                             home_data: t.data,
+                            source: t.data as *const u8,
                             home_buffer: t.buffer,
                             offset: 0,
                             bytes: entry.bytes,
@@ -310,14 +316,6 @@ impl Engine {
         };
         let budget = self.budget();
         let mut plan = planner::plan(&model, &budget, workload, link)?.into_result()?;
-        // The plan may have shrunk the ring to fit; prefetch as deep as the slots allow.
-        let config = StreamConfig {
-            prefetch_depth: plan
-                .slot_count
-                .saturating_sub(1)
-                .min(workload.prefetch_depth),
-            trace: self.params.trace,
-        };
         // The device may refuse the arena even when the numbers said it fits (fragmentation,
         // another process): retry with fewer resident layers before giving up.
         loop {
@@ -326,15 +324,25 @@ impl Engine {
                 resident[l] = true;
             }
             let mut all_images = images.clone();
+            let staging = self.stage_streamed(&mut all_images, &plan.streamed_layers);
             all_images.push(global_image.clone());
             resident.push(true);
+            // The plan may have shrunk the ring to fit; prefetch as deep as the slots allow.
+            let config = StreamConfig {
+                staging,
+                prefetch_depth: plan
+                    .slot_count
+                    .saturating_sub(1)
+                    .min(workload.prefetch_depth),
+                trace: self.params.trace,
+            };
             match Streamer::new(
                 &self.device,
                 Some(self.backend.raw()),
                 all_images,
                 &resident,
                 plan.slot_count as usize,
-                &config,
+                config,
             ) {
                 Ok(streamer) => {
                     for (layer, &is_resident) in resident.iter().enumerate().take(images.len()) {
@@ -369,6 +377,59 @@ impl Engine {
         }
         self.plan = Some(plan);
         Ok(self.plan.as_ref().expect("just set"))
+    }
+
+    /// Copies streamed layers' data into engine-owned staging memory (pinned where the device
+    /// has it, so copies can run asynchronously), in execution order up to the limit. A failed
+    /// allocation is not fatal: copies then read the host's pageable memory.
+    fn stage_streamed(&self, images: &mut [LayerImage], streamed: &[usize]) -> Option<Buffer> {
+        let limit = match self.params.pinned_limit_bytes {
+            Some(limit) => limit,
+            None if self.device.pinned_host => u64::MAX,
+            None => 0,
+        };
+        let mut chosen = Vec::new();
+        let mut total = 0u64;
+        for &layer in streamed {
+            let bytes = images[layer].image_bytes;
+            if total + bytes > limit {
+                break;
+            }
+            total += bytes;
+            chosen.push(layer);
+        }
+        if total == 0 {
+            return None;
+        }
+        let buffer = match self.device.alloc_pinned(total) {
+            Some(result) => result,
+            None => Device::select(Some("CPU")).and_then(|cpu| cpu.alloc(total)),
+        };
+        let buffer = match buffer {
+            Ok(buffer) => buffer,
+            Err(err) => {
+                log::warn!(
+                    "staging {} of streamed layers failed ({}); copying from pageable host memory",
+                    crate::units::format_bytes(total),
+                    err.message
+                );
+                return None;
+            }
+        };
+        let mut offset = 0u64;
+        for layer in chosen {
+            for t in &mut images[layer].tensors {
+                // SAFETY: the staging buffer holds `total` bytes and each layer's image fits in
+                // its share; the source is the tensor's live host data of `t.bytes` bytes.
+                unsafe {
+                    let dst = buffer.base().add((offset + t.offset) as usize);
+                    std::ptr::copy_nonoverlapping(t.home_data as *const u8, dst, t.bytes as usize);
+                    t.source = dst;
+                }
+            }
+            offset += images[layer].image_bytes;
+        }
+        Some(buffer)
     }
 
     fn streamer(&mut self) -> Result<&mut Streamer> {

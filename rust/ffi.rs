@@ -889,6 +889,7 @@ pub struct EngineParamsC {
     pub prefetch_depth: u32,
     pub compute_threads: c_int,
     pub trace: c_int,
+    pub pinned_limit_bytes: u64,
 }
 
 #[repr(C)]
@@ -943,6 +944,7 @@ pub extern "C" fn offload_engine_engine_params_init(params: *mut EngineParamsC) 
                 prefetch_depth: d.prefetch_depth,
                 compute_threads: d.compute_threads,
                 trace: 0,
+                pinned_limit_bytes: u64::MAX,
             };
         }
     });
@@ -973,6 +975,7 @@ pub extern "C" fn offload_engine_engine_new(
             prefetch_depth: p.prefetch_depth,
             compute_threads: p.compute_threads,
             trace: p.trace != 0,
+            pinned_limit_bytes: (p.pinned_limit_bytes != u64::MAX).then_some(p.pinned_limit_bytes),
             pattern: None,
         };
         let engine = Engine::with_registry(params, source.registry.clone())?;

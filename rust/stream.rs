@@ -24,6 +24,8 @@ use crate::trace::{Lane, Trace};
 pub struct TensorPlace {
     pub tensor: *mut sys::ggml_tensor,
     pub home_data: *mut c_void,
+    /// Where copies read from: the home, or the engine's pinned staging copy of it.
+    pub source: *const u8,
     pub home_buffer: sys::ggml_backend_buffer_t,
     /// Offset of this tensor inside its layer's device image (aligned).
     pub offset: u64,
@@ -237,11 +239,15 @@ pub struct StreamStats {
     pub resident_reloads: u64,
     pub arena_bytes: u64,
     pub arena_peak_bytes: u64,
+    /// Bytes of streamed layers copied from engine-owned staging (pinned) memory.
+    pub staged_bytes: u64,
     pub layers: Vec<LayerStats>,
 }
 
 pub struct StreamConfig {
     pub prefetch_depth: u32,
+    /// Engine-owned (pinned where the device has it) copies of streamed layers' data.
+    pub staging: Option<Buffer>,
     pub trace: bool,
 }
 
@@ -261,6 +267,8 @@ pub struct Streamer {
     slot_bytes: u64,
     depth: usize,
     arena: Arc<Buffer>,
+    /// Kept alive until the copy thread is joined (dropped after `Drop::drop`).
+    _staging: Option<Buffer>,
     sync: Arc<Sync2>,
     worker: Option<JoinHandle<()>>,
     compute_done: Option<Arc<Vec<Event>>>,
@@ -294,8 +302,9 @@ impl Streamer {
         layers: Vec<LayerImage>,
         resident: &[bool],
         slots: usize,
-        config: &StreamConfig,
+        config: StreamConfig,
     ) -> Result<Streamer> {
+        let staging = config.staging;
         if resident.len() != layers.len() {
             return Err(Error::new(
                 Status::Internal,
@@ -408,6 +417,12 @@ impl Streamer {
         let mut stats = StreamStats {
             arena_bytes,
             arena_peak_bytes: offset,
+            staged_bytes: layers
+                .iter()
+                .flat_map(|l| &l.tensors)
+                .filter(|t| t.source != t.home_data as *const u8)
+                .map(|t| t.bytes)
+                .sum(),
             ..Default::default()
         };
         stats.layers = layers
@@ -429,6 +444,7 @@ impl Streamer {
             slot_bytes,
             depth: config.prefetch_depth as usize,
             arena,
+            _staging: staging,
             sync,
             worker: Some(worker),
             compute_done,
@@ -472,7 +488,7 @@ impl Streamer {
         self.layers[layer]
             .tensors
             .iter()
-            .map(|t| (SendPtr(t.home_data as *mut u8), base + t.offset, t.bytes))
+            .map(|t| (SendPtr(t.source as *mut u8), base + t.offset, t.bytes))
             .collect()
     }
 

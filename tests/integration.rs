@@ -245,3 +245,47 @@ fn device_allocation_failure_retries_with_fewer_resident_layers() {
     let run = run.unwrap();
     assert_eq!(run.output, reference);
 }
+
+#[test]
+fn staged_homes_are_bit_identical_and_a_failed_staging_falls_back() {
+    let _guard = serial();
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    let reference = run_reference(&model, &cpu_backend(), 2).unwrap();
+    let budget = model.weight_bytes() / 3;
+    let mut staged = params(budget, 1);
+    staged.pinned_limit_bytes = Some(model.weight_bytes() / 4);
+    let run = run_with_engine(&model, staged.clone(), &workload(1, 1), 2, None).unwrap();
+    assert_eq!(run.output, reference);
+    assert!(
+        run.stats.staged_bytes > 0,
+        "some streamed layers copy from staging"
+    );
+    assert!(run.stats.staged_bytes <= model.weight_bytes() / 4);
+
+    staged.pinned_limit_bytes = Some(u64::MAX);
+    faults::arm(Fault::DeviceAlloc, 1); // the staging allocation comes first
+    let run = run_with_engine(&model, staged, &workload(1, 1), 2, None);
+    faults::disarm_all();
+    let run = run.unwrap();
+    assert_eq!(run.stats.staged_bytes, 0, "fell back to the host's memory");
+    assert_eq!(run.output, reference);
+}
+
+#[test]
+fn copies_overlap_compute_in_the_trace() {
+    let _guard = serial();
+    let config = DemoConfig {
+        hidden: 256,
+        ffn: 704,
+        layers: 8,
+        tokens: 32,
+        ..DemoConfig::tiny(Architecture::Llama)
+    };
+    let model = DemoModel::new(config).unwrap();
+    let mut p = params(model.weight_bytes() / 3, 2);
+    p.trace = true;
+    let run = run_with_engine(&model, p, &workload(2, 1), 3, None).unwrap();
+    assert_eq!(run.plan.mode, Mode::Streaming);
+    assert!(run.overlap_us > 0, "no copy ran while a layer computed");
+    assert!(run.stats.prefetch_hits > 0);
+}
