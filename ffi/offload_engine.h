@@ -41,6 +41,7 @@ extern "C" {
 struct ggml_tensor;
 struct ggml_context;
 struct ggml_backend;
+struct ggml_cgraph;
 
 /* ---------------------------------------------------------------------------------------
  * Status, errors, version, logging
@@ -294,8 +295,20 @@ int offload_engine_engine_backend(offload_engine_engine *engine, struct ggml_bac
 
 /* Plans with `params` (free_bytes 0: the engine's budget or the device's free memory),
  * allocates the device arena once and places the resident layers. `plan_out` may be NULL;
- * otherwise the caller frees it. Once per engine. */
+ * otherwise the caller frees it. Calling it again between runs (no pass open) re-plans:
+ * free memory is measured anew and the per-layer compute times and copy bandwidth measured
+ * by earlier passes replace table values (the plan message says which figures were
+ * measured). Tensors registered later than the first call are an ERR_INVALID_STATE. */
 int offload_engine_engine_prepare(offload_engine_engine *engine, const offload_engine_plan_params *params, offload_engine_plan **plan_out);
+
+/* Measures host-to-device copy bandwidth in GB/s with copies of `bytes` (clamped to
+ * 1 MiB..1 GiB) from pageable memory and, where the device has it, pinned memory
+ * (`pinned_gbps_out` gets 0 otherwise; it may be NULL). Allocates and frees device memory. */
+int offload_engine_engine_measure_link(offload_engine_engine *engine, uint64_t bytes, double *pageable_gbps_out, double *pinned_gbps_out);
+
+/* Dry run: the bytes ggml's graph allocator would need to compute `graph` on the engine's
+ * backend (nothing is computed). Pass it as plan params' compute_reserve_bytes. */
+int offload_engine_engine_measure_graph(offload_engine_engine *engine, struct ggml_cgraph *graph, uint64_t *bytes_out);
 
 /* One forward pass of the model: begin, then for each layer in execution order
  * layer_begin / (build and compute the layer's graph) / layer_end, then end.

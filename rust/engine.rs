@@ -58,6 +58,8 @@ pub struct Engine {
     streamer: Option<Streamer>,
     /// Extra bytes the host reserves (compute buffers, KV cache) declared before planning.
     reserve_bytes: u64,
+    /// Figures measured by earlier runs of this engine, used when re-planning.
+    measured: Option<Measured>,
     profile: bool,
     pass_started: Option<Instant>,
 }
@@ -108,6 +110,7 @@ impl Engine {
             plan: None,
             streamer: None,
             reserve_bytes: 0,
+            measured: None,
             pass_started: None,
         })
     }
@@ -295,12 +298,21 @@ impl Engine {
 
     /// Plans residency for `workload`, allocates the device arena once and places the
     /// resident layers. Returns the plan; an impossible budget is `InsufficientMemory`.
+    ///
+    /// Calling it again between runs re-plans: free device memory is measured anew, and the
+    /// per-layer compute times and copy bandwidth measured so far replace table values.
     pub fn prepare(&mut self, workload: &Workload, link: &Link) -> Result<&Plan> {
-        if self.streamer.is_some() {
-            return Err(Error::state(
-                "the engine is already prepared (free it and create a new one to re-plan)",
-            ));
+        if let Some(streamer) = &self.streamer {
+            if streamer.in_pass() {
+                return Err(Error::state(
+                    "cannot re-plan while a pass is open (end it first)",
+                ));
+            }
+            self.measured = Measured::from_stats(&streamer.stats()).or(self.measured.take());
         }
+        // Restores every tensor's home and frees the old arena before the new one is sized.
+        self.streamer = None;
+        self.plan = None;
         let (images, global_image) = self.layer_images()?;
         let model = ModelCost {
             layers: images
@@ -314,8 +326,18 @@ impl Engine {
                 .collect(),
             global_bytes: global_image.image_bytes,
         };
+        let mut model = model;
+        let mut link = link.clone();
+        if let Some(measured) = &self.measured {
+            if measured.layer_compute_seconds.len() == model.layers.len() {
+                planner::calibrate(&mut model, &measured.layer_compute_seconds)?;
+            }
+            if let Some(measured_link) = &measured.link {
+                link = measured_link.clone();
+            }
+        }
         let budget = self.budget();
-        let mut plan = planner::plan(&model, &budget, workload, link)?.into_result()?;
+        let mut plan = planner::plan(&model, &budget, workload, &link)?.into_result()?;
         // The device may refuse the arena even when the numbers said it fits (fragmentation,
         // another process): retry with fewer resident layers before giving up.
         loop {
@@ -521,6 +543,99 @@ impl Engine {
             ));
         }
         streamer.trace.write(path)
+    }
+}
+
+/// What a run measured: the inputs a re-plan uses instead of table values.
+#[derive(Debug, Clone)]
+struct Measured {
+    layer_compute_seconds: Vec<f64>,
+    link: Option<Link>,
+}
+
+impl Measured {
+    fn from_stats(stats: &StreamStats) -> Option<Measured> {
+        if stats.passes == 0 {
+            return None;
+        }
+        let host_layers = &stats.layers[..stats.layers.len().saturating_sub(1)];
+        let layer_compute_seconds = host_layers
+            .iter()
+            .map(|l| l.compute_us as f64 / 1e6 / l.begin_count.max(1) as f64)
+            .collect();
+        let link = (stats.copy_us > 0 && stats.layer_loads > 0)
+            .then(|| {
+                let streamed: u64 = host_layers.iter().map(|l| l.bytes).sum();
+                Link::from_measurement(streamed as f64 / (stats.copy_us as f64 / 1e6), 0.0).ok()
+            })
+            .flatten();
+        Some(Measured {
+            layer_compute_seconds,
+            link,
+        })
+    }
+}
+
+/// Host-to-device copy bandwidth (bytes per second) from pageable memory, and from pinned
+/// memory where the device has it; best of a few copies of `bytes`.
+pub fn measure_link(device: &Device, bytes: u64) -> Result<(f64, Option<f64>)> {
+    let bytes = bytes.clamp(1 << 20, 1 << 30);
+    let target = device.alloc(bytes)?;
+    let (_ctx, shadow) = crate::stream::shadow_tensor(&target)?;
+    let time_copies = |src: *const u8| -> f64 {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let start = Instant::now();
+            // SAFETY: the shadow spans `bytes` of device memory and `src` holds `bytes` bytes;
+            // the synchronous set returns when the copy is complete.
+            unsafe { sys::ggml_backend_tensor_set(shadow, src.cast(), 0, bytes as usize) };
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        bytes as f64 / best.max(1e-9)
+    };
+    let pageable = vec![1u8; bytes as usize];
+    let pageable_bw = time_copies(pageable.as_ptr());
+    let pinned_bw = match device.alloc_pinned(bytes) {
+        Some(Ok(pinned)) => Some(time_copies(pinned.base())),
+        _ => None,
+    };
+    Ok((pageable_bw, pinned_bw))
+}
+
+impl Engine {
+    /// Bytes ggml's graph allocator would need for `graph` on this engine's backend: the
+    /// compute reserve to declare before planning, measured by a dry run (nothing computed).
+    ///
+    /// # Safety
+    /// `graph` must be a valid graph built by the host.
+    pub unsafe fn measure_graph(&self, graph: *mut sys::ggml_cgraph) -> Result<u64> {
+        if graph.is_null() {
+            return Err(Error::new(Status::NullPointer, "graph is NULL"));
+        }
+        // SAFETY: valid backend.
+        let buft = unsafe { sys::ggml_backend_get_default_buffer_type(self.backend.raw()) };
+        // SAFETY: valid buffer type; freed below.
+        let allocator = unsafe { sys::ggml_gallocr_new(buft) };
+        if allocator.is_null() {
+            return Err(Error::new(
+                Status::OutOfMemory,
+                "cannot create a graph allocator",
+            ));
+        }
+        // SAFETY: the caller guarantees a valid graph; reserving computes sizes only.
+        let ok = unsafe { sys::ggml_gallocr_reserve(allocator, graph) };
+        // SAFETY: buffer 0 exists for a single-buffer-type allocator.
+        let bytes = unsafe { sys::ggml_gallocr_get_buffer_size(allocator, 0) } as u64;
+        // SAFETY: we own the allocator.
+        unsafe { sys::ggml_gallocr_free(allocator) };
+        if ok {
+            Ok(bytes)
+        } else {
+            Err(Error::new(
+                Status::OutOfMemory,
+                "the graph allocator could not reserve the graph",
+            ))
+        }
     }
 }
 

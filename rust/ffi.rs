@@ -1290,3 +1290,41 @@ pub extern "C" fn offload_engine_engine_run_pass(
         Ok(())
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// Measurements for the planner
+// ---------------------------------------------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn offload_engine_engine_measure_link(
+    handle: *mut EngineHandle,
+    bytes: u64,
+    pageable_gbps_out: *mut f64,
+    pinned_gbps_out: *mut f64,
+) -> c_int {
+    boundary(|| {
+        let e = engine(handle)?;
+        let pageable_slot = out(pageable_gbps_out, "pageable_gbps_out")?;
+        let (pageable, pinned) = crate::engine::measure_link(e.device(), bytes)?;
+        *pageable_slot = pageable / 1e9;
+        if let Some(slot) = unsafe_out(pinned_gbps_out) {
+            *slot = pinned.unwrap_or(0.0) / 1e9;
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_engine_measure_graph(
+    handle: *mut EngineHandle,
+    graph: *mut sys::ggml_cgraph,
+    bytes_out: *mut u64,
+) -> c_int {
+    boundary(|| {
+        let e = engine(handle)?;
+        let slot = out(bytes_out, "bytes_out")?;
+        // SAFETY: the header requires a valid graph built by the host.
+        *slot = unsafe { e.measure_graph(graph)? };
+        Ok(())
+    })
+}

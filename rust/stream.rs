@@ -151,7 +151,7 @@ struct DeviceCopier {
 // SAFETY: the shadow tensor and its context are used only by the copy thread after creation.
 unsafe impl Send for DeviceCopier {}
 
-struct ShadowContext(*mut sys::ggml_context);
+pub(crate) struct ShadowContext(*mut sys::ggml_context);
 impl Drop for ShadowContext {
     fn drop(&mut self) {
         // SAFETY: we created the context; its only tensor is the shadow, unused after this.
@@ -887,7 +887,7 @@ fn copy_now(arena: &Buffer, job: &CopyJob) -> Result<()> {
 }
 
 /// A 1-D byte tensor covering the whole arena, the handle ggml's copy calls need.
-fn shadow_tensor(arena: &Buffer) -> Result<(ShadowContext, *mut sys::ggml_tensor)> {
+pub(crate) fn shadow_tensor(arena: &Buffer) -> Result<(ShadowContext, *mut sys::ggml_tensor)> {
     let params = sys::ggml_init_params {
         mem_size: 4096,
         mem_buffer: std::ptr::null_mut(),

@@ -289,3 +289,63 @@ fn copies_overlap_compute_in_the_trace() {
     assert!(run.overlap_us > 0, "no copy ran while a layer computed");
     assert!(run.stats.prefetch_hits > 0);
 }
+
+#[test]
+fn replanning_between_runs_uses_measured_figures() {
+    let _guard = serial();
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    let reference = run_reference(&model, &cpu_backend(), 1).unwrap();
+    let mut engine = Engine::new(params(model.weight_bytes() / 2, 1)).unwrap();
+    // SAFETY: the model outlives the engine.
+    unsafe { engine.register_context(model.context()).unwrap() };
+    let link = Link::named("pcie4-x16").unwrap();
+    let first = engine.prepare(&workload(1, 1), &link).unwrap().clone();
+    assert!(!first.compute_measured);
+    let mut executor = offload_engine::executor::Executor::new(engine.backend(), [64, 4]).unwrap();
+    executor.run_pass(&model, Some(&mut engine)).unwrap();
+    engine.begin_pass().unwrap();
+    assert_eq!(
+        engine.prepare(&workload(1, 1), &link).unwrap_err().status,
+        Status::InvalidState,
+        "no re-plan with a pass open"
+    );
+    engine.offload_all().unwrap();
+    let second = engine.prepare(&workload(1, 1), &link).unwrap().clone();
+    assert!(second.compute_measured, "{}", second.message);
+    assert!(second.link.measured, "{}", second.message);
+    assert!(second.message.contains("measured"), "{}", second.message);
+    assert_eq!(
+        executor.run_pass(&model, Some(&mut engine)).unwrap(),
+        reference
+    );
+}
+
+#[test]
+fn link_and_graph_measurements() {
+    let _guard = serial();
+    let device = offload_engine::backend::Device::select(Some("CPU")).unwrap();
+    let (pageable, pinned) = offload_engine::engine::measure_link(&device, 8 << 20).unwrap();
+    assert!(pageable.is_finite() && pageable > 0.0);
+    assert!(pinned.is_none(), "the CPU device has no pinned memory");
+
+    use offload_engine::executor::LayeredModel;
+    use offload_engine::ggml as sys;
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    let engine = Engine::new(params(model.weight_bytes(), 1)).unwrap();
+    // SAFETY: a metadata-only context for one layer's graph, freed below.
+    unsafe {
+        let ctx = sys::ggml_init(sys::ggml_init_params {
+            mem_size: 1 << 20,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        });
+        let x = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F32, 64, 4);
+        let y = model.build_layer(ctx, 0, x);
+        let graph = sys::ggml_new_graph(ctx);
+        sys::ggml_build_forward_expand(graph, y);
+        let bytes = engine.measure_graph(graph).unwrap();
+        assert!(bytes >= 64 * 4 * 4, "at least the activation: {bytes}");
+        assert!(bytes < 16 << 20, "{bytes}");
+        sys::ggml_free(ctx);
+    }
+}
