@@ -14,6 +14,7 @@ pub mod log;
 pub mod patterns;
 pub mod planner;
 pub mod registry;
+pub mod soak;
 pub mod stream;
 pub mod trace;
 pub mod units;

@@ -145,3 +145,15 @@ fn quick_bench_reports_every_figure() {
     }
     assert_eq!(doc["bit_identical"], true);
 }
+
+#[test]
+fn short_soak_finds_no_mismatch_and_no_leak() {
+    let (ok, stdout, stderr) = run(&["soak", "--engines", "60", "--passes", "4", "--json"]);
+    assert!(ok, "{stdout}{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(doc["mismatches"], 0);
+    assert_eq!(doc["arena_overruns"], 0);
+    assert!(doc["passes"].as_u64().unwrap() >= 100);
+    // Every engine's copy thread is joined when it is dropped.
+    assert_eq!(doc["threads_at_end"], doc["threads_after_first_tenth"]);
+}

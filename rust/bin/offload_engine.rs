@@ -93,6 +93,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Many engines with random budgets, depths and layer sizes; outputs checked bit for bit.
+    Soak {
+        #[arg(long, default_value_t = 300)]
+        engines: u64,
+        #[arg(long, default_value_t = 10)]
+        passes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the ggml devices with their memory.
     Devices,
 }
@@ -158,6 +169,12 @@ fn main() -> ExitCode {
             pattern,
             json,
         }),
+        Command::Soak {
+            engines,
+            passes,
+            seed,
+            json,
+        } => soak(engines, passes, seed, json),
         Command::Devices => {
             for line in offload_engine::backend::describe_devices() {
                 println!("{line}");
@@ -348,5 +365,28 @@ fn plan(args: PlanArgs) -> Result<()> {
             plan.message,
         ));
     }
+    Ok(())
+}
+
+fn soak(engines: u64, passes: u64, seed: u64, json: bool) -> Result<()> {
+    let r = offload_engine::soak::run_soak(engines, passes, seed)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| Error::invalid(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{} engines, {} passes, {} budgets refused as insufficient: {} output mismatches, {} arena overruns",
+        r.engines, r.passes, r.refused_budgets, r.mismatches, r.arena_overruns
+    );
+    println!(
+        "resident memory {} after the first tenth, {} at the end; threads {} then {}",
+        format_bytes(r.rss_after_first_tenth_bytes),
+        format_bytes(r.rss_at_end_bytes),
+        r.threads_after_first_tenth,
+        r.threads_at_end
+    );
     Ok(())
 }
