@@ -1,0 +1,297 @@
+// offload_engine.hpp: header-only C++17 API over the C ABI (ffi/offload_engine.h).
+//
+// RAII owners for every handle, no exceptions: fallible calls return
+// offload_engine::Result<T>, which holds a value or an Error (status + the engine's message).
+// Thread rules and lifetimes are those of the C header.
+#ifndef OFFLOAD_ENGINE_HPP
+#define OFFLOAD_ENGINE_HPP
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "offload_engine.h"
+
+namespace offload_engine {
+
+enum class Status : int {
+    ok = OFFLOAD_ENGINE_OK,
+    invalid_argument = OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT,
+    null_pointer = OFFLOAD_ENGINE_ERR_NULL_POINTER,
+    invalid_handle = OFFLOAD_ENGINE_ERR_INVALID_HANDLE,
+    not_found = OFFLOAD_ENGINE_ERR_NOT_FOUND,
+    already_exists = OFFLOAD_ENGINE_ERR_ALREADY_EXISTS,
+    io = OFFLOAD_ENGINE_ERR_IO,
+    corrupt_file = OFFLOAD_ENGINE_ERR_CORRUPT_FILE,
+    insufficient_memory = OFFLOAD_ENGINE_ERR_INSUFFICIENT_MEMORY,
+    backend = OFFLOAD_ENGINE_ERR_BACKEND,
+    invalid_state = OFFLOAD_ENGINE_ERR_INVALID_STATE,
+    internal = OFFLOAD_ENGINE_ERR_INTERNAL,
+    unsupported = OFFLOAD_ENGINE_ERR_UNSUPPORTED,
+    out_of_memory = OFFLOAD_ENGINE_ERR_OUT_OF_MEMORY,
+};
+
+struct Error {
+    Status status;
+    std::string message;
+};
+
+// A value or an Error, in the spirit of std::expected (C++23).
+template <class T>
+class Result {
+public:
+    Result(T value) : state_(std::move(value)) {}
+    Result(Error error) : state_(std::move(error)) {}
+    bool ok() const { return state_.index() == 0; }
+    explicit operator bool() const { return ok(); }
+    T &value() { return std::get<0>(state_); }
+    const T &value() const { return std::get<0>(state_); }
+    T &operator*() { return value(); }
+    T *operator->() { return &value(); }
+    const Error &error() const { return std::get<1>(state_); }
+
+private:
+    std::variant<T, Error> state_;
+};
+
+struct Unit {};
+using Status_ = Result<Unit>;
+
+namespace detail {
+inline Error error_from(int status) {
+    return Error{static_cast<Status>(status), offload_engine_last_error()};
+}
+inline Status_ check(int status) {
+    if (status == OFFLOAD_ENGINE_OK) return Unit{};
+    return error_from(status);
+}
+template <class Handle, void (*Free)(Handle *)>
+struct Deleter {
+    void operator()(Handle *h) const { Free(h); }
+};
+}  // namespace detail
+
+inline std::string_view version() { return offload_engine_version(); }
+
+struct LayerInfo {
+    std::string name;
+    std::string component;
+    uint64_t tensor_count = 0;
+    uint64_t bytes = 0;
+    offload_engine_location location = OFFLOAD_ENGINE_LOCATION_HOST;
+};
+
+class Registry {
+public:
+    // `pattern`: a built-in name or a regex; empty detects the architecture.
+    static Result<Registry> create(const std::string &pattern = {}) {
+        offload_engine_registry_params params;
+        offload_engine_registry_params_init(&params);
+        params.pattern = pattern.empty() ? nullptr : pattern.c_str();
+        offload_engine_registry *raw = nullptr;
+        if (int s = offload_engine_registry_new(&params, &raw)) return detail::error_from(s);
+        return Registry(raw);
+    }
+
+    Result<uint64_t> add_tensor(ggml_tensor *tensor, const char *name = nullptr) {
+        uint64_t id = 0;
+        if (int s = offload_engine_registry_add_tensor(get(), tensor, name, &id)) return detail::error_from(s);
+        return id;
+    }
+    Result<size_t> add_context(ggml_context *ctx) {
+        size_t n = 0;
+        if (int s = offload_engine_registry_add_context(get(), ctx, &n)) return detail::error_from(s);
+        return n;
+    }
+    Result<size_t> add_gguf(const std::string &path) {
+        size_t n = 0;
+        if (int s = offload_engine_registry_add_gguf(get(), path.c_str(), &n)) return detail::error_from(s);
+        return n;
+    }
+    Result<size_t> layer_count() {
+        size_t n = 0;
+        if (int s = offload_engine_registry_layer_count(get(), &n)) return detail::error_from(s);
+        return n;
+    }
+    Result<std::string> architecture() {
+        const char *name = nullptr;
+        if (int s = offload_engine_registry_architecture(get(), &name)) return detail::error_from(s);
+        return std::string(name);
+    }
+    Result<LayerInfo> layer(uint64_t index) {
+        offload_engine_layer_info info{};
+        info.size = sizeof info;
+        if (int s = offload_engine_registry_layer_info(get(), index, &info)) return detail::error_from(s);
+        return LayerInfo{info.name, info.component, info.tensor_count, info.bytes,
+                         static_cast<offload_engine_location>(info.location)};
+    }
+    Result<std::vector<LayerInfo>> layers() {
+        auto count = layer_count();
+        if (!count) return count.error();
+        std::vector<LayerInfo> out;
+        for (uint64_t i = 0; i < *count; ++i) {
+            auto info = layer(i);
+            if (!info) return info.error();
+            out.push_back(std::move(*info));
+        }
+        return out;
+    }
+    offload_engine_registry *get() const { return handle_.get(); }
+
+private:
+    explicit Registry(offload_engine_registry *raw) : handle_(raw) {}
+    std::unique_ptr<offload_engine_registry, detail::Deleter<offload_engine_registry, offload_engine_registry_free>> handle_;
+};
+
+struct PlanOptions {
+    uint64_t free_bytes = 0;  // 0 with an engine: its budget or the device's free memory
+    uint32_t steps = 1;
+    uint32_t passes_per_step = 1;
+    uint32_t prefetch_depth = 1;
+    uint64_t compute_reserve_bytes = 0;
+    std::string link;  // empty: pcie4-x16
+};
+
+class Plan {
+public:
+    const offload_engine_plan_summary &summary() const { return summary_; }
+    offload_engine_plan_mode mode() const { return static_cast<offload_engine_plan_mode>(summary_.mode); }
+    std::string_view message() const { return offload_engine_plan_message(handle_.get()); }
+    Result<bool> resident(uint64_t layer) const {
+        int r = 0;
+        if (int s = offload_engine_plan_layer_resident(handle_.get(), layer, &r)) return detail::error_from(s);
+        return r != 0;
+    }
+
+    static Result<Plan> adopt(offload_engine_plan *raw) {
+        Plan plan(raw);
+        plan.summary_.size = sizeof plan.summary_;
+        if (int s = offload_engine_plan_get_summary(raw, &plan.summary_)) return detail::error_from(s);
+        return plan;
+    }
+
+    // Simulation: plans a registered model against `options.free_bytes` of device memory.
+    static Result<Plan> simulate(Registry &registry, const PlanOptions &options) {
+        auto params = to_params(options);
+        offload_engine_plan *raw = nullptr;
+        if (int s = offload_engine_plan_new(registry.get(), &params, &raw)) return detail::error_from(s);
+        return adopt(raw);
+    }
+
+    static offload_engine_plan_params to_params(const PlanOptions &o) {
+        offload_engine_plan_params p;
+        offload_engine_plan_params_init(&p);
+        p.free_bytes = o.free_bytes;
+        p.steps = o.steps;
+        p.passes_per_step = o.passes_per_step;
+        p.prefetch_depth = o.prefetch_depth;
+        p.compute_reserve_bytes = o.compute_reserve_bytes;
+        p.link = o.link.empty() ? nullptr : o.link.c_str();
+        return p;
+    }
+
+private:
+    explicit Plan(offload_engine_plan *raw) : handle_(raw) {}
+    std::unique_ptr<offload_engine_plan, detail::Deleter<offload_engine_plan, offload_engine_plan_free>> handle_;
+    offload_engine_plan_summary summary_{};
+};
+
+// The three stages of a forward pass, as callables (see offload_engine_staged_model).
+struct StagedModel {
+    uint64_t layer_count = 0;
+    int64_t activation_ne[2] = {0, 0};
+    std::function<ggml_tensor *(ggml_context *)> build_input;
+    std::function<bool()> set_inputs;  // optional
+    std::function<ggml_tensor *(ggml_context *, uint64_t layer, ggml_tensor *x)> build_layer;
+    std::function<ggml_tensor *(ggml_context *, ggml_tensor *x)> build_output;
+};
+
+struct EngineOptions {
+    std::string device;        // empty: first GPU, else CPU
+    uint64_t budget_bytes = 0; // 0: measure free device memory
+    uint32_t prefetch_depth = 1;
+    int compute_threads = 1;
+    bool trace = false;
+};
+
+class Engine {
+public:
+    static Result<Engine> create(Registry &registry, const EngineOptions &options = {}) {
+        offload_engine_engine_params p;
+        offload_engine_engine_params_init(&p);
+        p.device = options.device.empty() ? nullptr : options.device.c_str();
+        p.budget_bytes = options.budget_bytes;
+        p.prefetch_depth = options.prefetch_depth;
+        p.compute_threads = options.compute_threads;
+        p.trace = options.trace ? 1 : 0;
+        offload_engine_engine *raw = nullptr;
+        if (int s = offload_engine_engine_new(&p, registry.get(), &raw)) return detail::error_from(s);
+        return Engine(raw);
+    }
+
+    Result<ggml_backend *> backend() {
+        ggml_backend *b = nullptr;
+        if (int s = offload_engine_engine_backend(get(), &b)) return detail::error_from(s);
+        return b;
+    }
+    Result<Plan> prepare(const PlanOptions &options = {}) {
+        auto params = Plan::to_params(options);
+        offload_engine_plan *raw = nullptr;
+        if (int s = offload_engine_engine_prepare(get(), &params, &raw)) return detail::error_from(s);
+        return Plan::adopt(raw);
+    }
+    Status_ pass_begin() { return detail::check(offload_engine_engine_pass_begin(get())); }
+    Status_ pass_end() { return detail::check(offload_engine_engine_pass_end(get())); }
+    Status_ layer_begin(uint64_t layer) { return detail::check(offload_engine_engine_layer_begin(get(), layer)); }
+    Status_ layer_end(uint64_t layer) { return detail::check(offload_engine_engine_layer_end(get(), layer)); }
+    Status_ offload_all() { return detail::check(offload_engine_engine_offload_all(get())); }
+    Status_ write_trace(const std::string &path) {
+        return detail::check(offload_engine_engine_trace_write(get(), path.c_str()));
+    }
+    Result<offload_engine_stats> stats() {
+        offload_engine_stats s{};
+        s.size = sizeof s;
+        if (int st = offload_engine_engine_stats(get(), &s)) return detail::error_from(st);
+        return s;
+    }
+
+    // Runs one pass of a staged model and copies the output tensor's bytes into `output`
+    // (sized by the host, which knows the output shape); returns the bytes written.
+    Result<size_t> run_pass(StagedModel &model, uint8_t *output, size_t capacity) {
+        offload_engine_staged_model c{};
+        c.size = sizeof c;
+        c.user = &model;
+        c.layer_count = model.layer_count;
+        c.activation_ne[0] = model.activation_ne[0];
+        c.activation_ne[1] = model.activation_ne[1];
+        c.build_input = [](void *u, ggml_context *ctx) { return static_cast<StagedModel *>(u)->build_input(ctx); };
+        c.set_inputs = [](void *u) {
+            auto *m = static_cast<StagedModel *>(u);
+            return (!m->set_inputs || m->set_inputs()) ? 0 : 1;
+        };
+        c.build_layer = [](void *u, ggml_context *ctx, uint64_t layer, ggml_tensor *x) {
+            return static_cast<StagedModel *>(u)->build_layer(ctx, layer, x);
+        };
+        c.build_output = [](void *u, ggml_context *ctx, ggml_tensor *x) {
+            return static_cast<StagedModel *>(u)->build_output(ctx, x);
+        };
+        size_t size = 0;
+        if (int s = offload_engine_engine_run_pass(get(), &c, output, capacity, &size)) return detail::error_from(s);
+        return size;
+    }
+
+    offload_engine_engine *get() const { return handle_.get(); }
+
+private:
+    explicit Engine(offload_engine_engine *raw) : handle_(raw) {}
+    std::unique_ptr<offload_engine_engine, detail::Deleter<offload_engine_engine, offload_engine_engine_free>> handle_;
+};
+
+}  // namespace offload_engine
+
+#endif  // OFFLOAD_ENGINE_HPP

@@ -1,0 +1,135 @@
+// The C++ API (cpp/offload_engine.hpp) end to end: registry, simulated plan, engine,
+// the staged executor with lambdas; streamed output equals the fully resident one.
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "ggml.h"
+#include "offload_engine.hpp"
+
+namespace oe = offload_engine;
+
+static int failures = 0;
+#define EXPECT(cond)                                                        \
+    do {                                                                    \
+        if (!(cond)) {                                                      \
+            std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, #cond); \
+            ++failures;                                                     \
+        }                                                                   \
+    } while (0)
+
+struct Model {
+    static constexpr int kLayers = 6;
+    static constexpr int64_t kHidden = 32;
+    static constexpr int64_t kTokens = 3;
+    ggml_context *ctx = nullptr;
+    ggml_backend_buffer_t buffer = nullptr;
+    ggml_tensor *weights[kLayers] = {};
+    ggml_tensor *head = nullptr;
+    ggml_tensor *input = nullptr;
+
+    Model() {
+        ggml_init_params params{64 * ggml_tensor_overhead(), nullptr, true};
+        ctx = ggml_init(params);
+        for (int i = 0; i < kLayers; ++i) {
+            weights[i] = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kHidden, kHidden);
+            ggml_format_name(weights[i], "blk.%d.ffn_up.weight", i);
+        }
+        head = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kHidden, 8);
+        ggml_set_name(head, "output.weight");
+        buffer = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_cpu_buffer_type());
+        uint32_t state = 12345;
+        for (ggml_tensor *t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+            auto *data = static_cast<float *>(t->data);
+            for (int64_t j = 0; j < ggml_nelements(t); ++j) {
+                state = state * 1664525u + 1013904223u;
+                data[j] = (static_cast<float>(state >> 8) / 16777216.0f - 0.5f) * 0.3f;
+            }
+        }
+    }
+    ~Model() {
+        ggml_backend_buffer_free(buffer);
+        ggml_free(ctx);
+    }
+
+    oe::StagedModel staged() {
+        oe::StagedModel m;
+        m.layer_count = kLayers;
+        m.activation_ne[0] = kHidden;
+        m.activation_ne[1] = kTokens;
+        m.build_input = [this](ggml_context *c) {
+            input = ggml_new_tensor_2d(c, GGML_TYPE_F32, kHidden, kTokens);
+            ggml_set_input(input);
+            return ggml_scale(c, input, 1.0f);
+        };
+        m.set_inputs = [this]() {
+            std::vector<float> x(kHidden * kTokens);
+            for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 7) * 0.25f - 0.5f;
+            ggml_backend_tensor_set(input, x.data(), 0, x.size() * sizeof(float));
+            return true;
+        };
+        m.build_layer = [this](ggml_context *c, uint64_t layer, ggml_tensor *x) {
+            return ggml_add(c, x, ggml_gelu(c, ggml_mul_mat(c, weights[layer], x)));
+        };
+        m.build_output = [this](ggml_context *c, ggml_tensor *x) { return ggml_mul_mat(c, head, x); };
+        return m;
+    }
+};
+
+
+static std::vector<uint8_t> run(Model &model, uint64_t budget, uint32_t depth, int expected_mode) {
+    auto registry = oe::Registry::create();
+    EXPECT(registry.ok());
+    auto added = registry->add_context(model.ctx);
+    EXPECT(added.ok() && *added == Model::kLayers + 1);
+    auto arch = registry->architecture();
+    EXPECT(arch.ok() && *arch == "llama_gguf");
+    auto engine = oe::Engine::create(*registry, oe::EngineOptions{"CPU", budget, depth, 1, false});
+    EXPECT(engine.ok());
+    if (!engine) return {};
+    oe::PlanOptions options;
+    options.prefetch_depth = depth;
+    auto plan = engine->prepare(options);
+    EXPECT(plan.ok());
+    if (!plan) return {};
+    EXPECT(plan->mode() == expected_mode);
+    EXPECT(!plan->message().empty());
+    auto staged = model.staged();
+    std::vector<uint8_t> out(8 * Model::kTokens * sizeof(float));
+    for (int pass = 0; pass < 2; ++pass) {
+        auto written = engine->run_pass(staged, out.data(), out.size());
+        EXPECT(written.ok() && *written == out.size());
+    }
+    auto stats = engine->stats();
+    EXPECT(stats.ok() && stats->passes == 2);
+    return out;
+}
+
+int main() {
+    Model model;
+    const uint64_t layer_bytes = Model::kHidden * Model::kHidden * sizeof(float);
+    auto resident = run(model, 64 * layer_bytes, 1, OFFLOAD_ENGINE_MODE_FULL);
+    auto streamed = run(model, 5 * layer_bytes, 1, OFFLOAD_ENGINE_MODE_STREAMING);
+    auto deep = run(model, 6 * layer_bytes, 3, OFFLOAD_ENGINE_MODE_STREAMING);
+    EXPECT(!resident.empty() && resident == streamed && resident == deep);
+
+    // Errors come back as values with the engine's message, never as exceptions or aborts.
+    auto registry = oe::Registry::create("blocks\\.((");
+    EXPECT(!registry.ok() && registry.error().status == oe::Status::invalid_argument);
+    EXPECT(!registry.ok() && !registry.error().message.empty());
+    auto ok_registry = oe::Registry::create();
+    auto missing = ok_registry->add_gguf("/nonexistent/model.gguf");
+    EXPECT(!missing.ok() && missing.error().status == oe::Status::io);
+    auto tiny = oe::Registry::create();
+    tiny->add_context(model.ctx);
+    oe::PlanOptions too_small;
+    too_small.free_bytes = 1024;
+    auto refused = oe::Plan::simulate(*tiny, too_small);
+    EXPECT(!refused.ok() && refused.error().status == oe::Status::insufficient_memory);
+
+    if (failures == 0) std::printf("C++ API: all checks passed\n");
+    return failures == 0 ? 0 : 1;
+}
