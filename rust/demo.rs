@@ -92,7 +92,8 @@ enum BlockKind {
 pub struct DemoModel {
     pub config: DemoConfig,
     ctx: NonNull<sys::ggml_context>,
-    buffer: NonNull<sys::ggml_backend_buffer>,
+    /// `None` for a model whose weights stay in its file (disk tier).
+    buffer: Option<NonNull<sys::ggml_backend_buffer>>,
     layers: Vec<LayerWeights>,
     token_embd: *mut sys::ggml_tensor,
     output_norm: *mut sys::ggml_tensor,
@@ -102,6 +103,23 @@ pub struct DemoModel {
 
 impl DemoModel {
     pub fn new(config: DemoConfig) -> Result<DemoModel> {
+        let mut model = DemoModel::unallocated(config)?;
+        // SAFETY: the CPU buffer type is always available.
+        let buft = unsafe { sys::ggml_backend_cpu_buffer_type() };
+        // SAFETY: allocates every tensor of the context in one host buffer.
+        let buffer =
+            unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(model.ctx.as_ptr(), buft) };
+        model.buffer =
+            Some(NonNull::new(buffer).ok_or_else(|| {
+                Error::new(Status::OutOfMemory, "cannot allocate the demo weights")
+            })?);
+        model.fill_weights();
+        Ok(model)
+    }
+
+    /// The model's tensors without memory: for a host that lets the engine load weights
+    /// from the model file (disk tier).
+    pub fn unallocated(config: DemoConfig) -> Result<DemoModel> {
         config.validate()?;
         let max_tensors = config.layers * 16 + 16;
         let params = sys::ggml_init_params {
@@ -213,26 +231,74 @@ impl DemoModel {
             h,
             config.vocab,
         );
-        // SAFETY: the CPU buffer type is always available.
-        let buft = unsafe { sys::ggml_backend_cpu_buffer_type() };
-        // SAFETY: allocates every tensor of the context in one host buffer.
-        let buffer =
-            NonNull::new(unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(c, buft) })
-                .ok_or_else(|| {
-                    Error::new(Status::OutOfMemory, "cannot allocate the demo weights")
-                })?;
-        let mut model = DemoModel {
+        let mut weight_bytes = 0u64;
+        // SAFETY: iterating our own context's tensor metadata.
+        unsafe {
+            let mut t = sys::ggml_get_first_tensor(c);
+            while !t.is_null() {
+                weight_bytes += sys::ggml_nbytes(t) as u64;
+                t = sys::ggml_get_next_tensor(c, t);
+            }
+        }
+        Ok(DemoModel {
             config,
             ctx,
-            buffer,
+            buffer: None,
             layers,
             token_embd,
             output_norm,
             output,
-            weight_bytes: 0,
-        };
-        model.fill_weights();
-        Ok(model)
+            weight_bytes,
+        })
+    }
+
+    /// Writes the weights as a GGUF file (tensors in execution order, as converters do).
+    pub fn write_gguf(&self, path: &std::path::Path) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.buffer.is_none() {
+            return Err(Error::state("the model has no weights in memory to write"));
+        }
+        let mut writer = crate::gguf::Writer::new();
+        writer.add_kv(
+            "general.architecture",
+            crate::gguf::Value::Str("offload-engine-demo".into()),
+        );
+        let mut tensors = Vec::new();
+        // SAFETY: iterating our own context's allocated tensors.
+        unsafe {
+            let mut t = sys::ggml_get_first_tensor(self.ctx.as_ptr());
+            while !t.is_null() {
+                let name = std::ffi::CStr::from_ptr((*t).name.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                let dims: Vec<u64> = (0..sys::ggml_n_dims(t))
+                    .map(|d| (*t).ne[d as usize] as u64)
+                    .collect();
+                writer.add_tensor_zeroed(&name, (*t).type_, &dims)?;
+                tensors.push((name, t));
+                t = sys::ggml_get_next_tensor(self.ctx.as_ptr(), t);
+            }
+        }
+        writer.write_path(path)?;
+        let layout = crate::gguf::read_path(path)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path.display(), e))?;
+        for (name, t) in tensors {
+            let info = layout.tensor(&name).ok_or_else(|| {
+                Error::new(
+                    Status::Internal,
+                    format!("'{name}' missing from the written file"),
+                )
+            })?;
+            // SAFETY: the tensor's data holds `ggml_nbytes` bytes in our host buffer.
+            let data =
+                unsafe { std::slice::from_raw_parts((*t).data as *const u8, sys::ggml_nbytes(t)) };
+            file.write_all_at(data, info.offset)
+                .map_err(|e| Error::io(path.display(), e))?;
+        }
+        Ok(())
     }
 
     /// Deterministic pseudo-random weights scaled by 1/sqrt(fan-in); norms near 1.
@@ -420,7 +486,9 @@ impl Drop for DemoModel {
         // SAFETY: we own the buffer and the context; engines using these tensors are gone
         // (they borrow the model and are dropped first).
         unsafe {
-            sys::ggml_backend_buffer_free(self.buffer.as_ptr());
+            if let Some(buffer) = self.buffer {
+                sys::ggml_backend_buffer_free(buffer.as_ptr());
+            }
             sys::ggml_free(self.ctx.as_ptr());
         }
     }
@@ -455,6 +523,19 @@ pub struct RunResult {
 /// Runs `passes` forward passes of `model` through an engine with the given budget.
 pub fn run_with_engine(
     model: &DemoModel,
+    params: crate::engine::EngineParams,
+    workload: &crate::planner::Workload,
+    passes: usize,
+    trace_path: Option<&std::path::Path>,
+) -> Result<RunResult> {
+    run_streamed(model, None, params, workload, passes, trace_path)
+}
+
+/// As `run_with_engine`; with `file`, the (unallocated) model's weights stream from that
+/// GGUF file instead of host memory (the disk tier).
+pub fn run_streamed(
+    model: &DemoModel,
+    file: Option<&std::path::Path>,
     mut params: crate::engine::EngineParams,
     workload: &crate::planner::Workload,
     passes: usize,
@@ -463,7 +544,12 @@ pub fn run_with_engine(
     params.trace = params.trace || trace_path.is_some();
     let mut engine = crate::engine::Engine::new(params)?;
     // SAFETY: the model's context and tensors outlive the engine (dropped at the end here).
-    unsafe { engine.register_context(model.context())? };
+    unsafe {
+        match file {
+            Some(path) => engine.register_file_backed(model.context(), path)?,
+            None => engine.register_context(model.context())?,
+        }
+    };
     let link = crate::planner::Link::named("ddr4")?;
     let plan = engine.prepare(workload, &link)?.clone();
     let mut executor = crate::executor::Executor::new(engine.backend(), model.activation_shape())?;

@@ -2,6 +2,9 @@
 //! that carries it out. This is the object behind `offload_engine_engine*` in the C ABI.
 
 use std::ffi::CStr;
+use std::sync::Arc;
+
+use crate::diskio::FileSet;
 use std::time::Instant;
 
 use crate::backend::{Backend, Buffer, Device};
@@ -9,7 +12,10 @@ use crate::error::{Error, Result, Status};
 use crate::ggml as sys;
 use crate::planner::{self, Budget, LayerCost, Link, ModelCost, Plan, Workload};
 use crate::registry::{Location, Registry, Source, TensorDesc, TensorId};
-use crate::stream::{layout_layer, LayerImage, StreamConfig, StreamStats, Streamer, TensorPlace};
+use crate::stream::{
+    layout_file_layer, layout_layer, LayerImage, StreamConfig, StreamStats, Streamer, TensorPlace,
+    TensorSource,
+};
 
 /// Alignment of tensors inside layer images; a multiple of every ggml backend's alignment.
 const IMAGE_ALIGNMENT: u64 = 256;
@@ -208,6 +214,19 @@ impl Engine {
         })
     }
 
+    /// Disk tier: registers a no_alloc context's tensors whose data stays in `path`.
+    ///
+    /// # Safety
+    /// `ctx` must be a valid context whose tensors outlive the engine.
+    pub unsafe fn register_file_backed(
+        &mut self,
+        ctx: *mut sys::ggml_context,
+        path: &std::path::Path,
+    ) -> Result<usize> {
+        // SAFETY: forwarded caller guarantee.
+        unsafe { self.registry.add_file_backed_context(ctx, path) }
+    }
+
     /// Registers every tensor of a ggml context.
     ///
     /// # Safety
@@ -257,7 +276,7 @@ impl Engine {
         let global = self.registry.global_tensors().to_vec();
         let mut images = Vec::with_capacity(layers.len());
         for layer in &layers {
-            images.push(layout_layer(
+            images.push(layout_file_layer(
                 &layer.name,
                 self.places(&layer.tensors)?,
                 IMAGE_ALIGNMENT,
@@ -278,12 +297,21 @@ impl Engine {
                         Ok(TensorPlace {
                             tensor,
                             home_data: t.data,
-                            source: t.data as *const u8,
+                            source: TensorSource::Memory(t.data as *const u8),
                             home_buffer: t.buffer,
                             offset: 0,
                             bytes: entry.bytes,
                         })
                     }
+                    // Disk tier: no host copy; between uses the tensor has no data at all.
+                    Source::GgmlFile { tensor, file, offset } => Ok(TensorPlace {
+                        tensor,
+                        home_data: std::ptr::null_mut(),
+                        source: TensorSource::File { file, offset },
+                        home_buffer: std::ptr::null_mut(),
+                        offset: 0,
+                        bytes: entry.bytes,
+                    }),
                     _ => Err(Error::new(
                         Status::Unsupported,
                         format!(
@@ -338,6 +366,7 @@ impl Engine {
         }
         let budget = self.budget();
         let mut plan = planner::plan(&model, &budget, workload, &link)?.into_result()?;
+        let files = Arc::new(FileSet::open(self.registry.files())?);
         // The device may refuse the arena even when the numbers said it fits (fragmentation,
         // another process): retry with fewer resident layers before giving up.
         loop {
@@ -365,6 +394,7 @@ impl Engine {
                 &resident,
                 plan.slot_count as usize,
                 config,
+                files.clone(),
             ) {
                 Ok(streamer) => {
                     for (layer, &is_resident) in resident.iter().enumerate().take(images.len()) {
@@ -413,6 +443,13 @@ impl Engine {
         let mut chosen = Vec::new();
         let mut total = 0u64;
         for &layer in streamed {
+            if images[layer]
+                .tensors
+                .iter()
+                .any(|t| !matches!(t.source, TensorSource::Memory(_)))
+            {
+                continue; // disk tier: the file is the home, nothing is held in host memory
+            }
             let bytes = images[layer].image_bytes;
             if total + bytes > limit {
                 break;
@@ -446,7 +483,7 @@ impl Engine {
                 unsafe {
                     let dst = buffer.base().add((offset + t.offset) as usize);
                     std::ptr::copy_nonoverlapping(t.home_data as *const u8, dst, t.bytes as usize);
-                    t.source = dst;
+                    t.source = TensorSource::Memory(dst);
                 }
             }
             offset += images[layer].image_bytes;

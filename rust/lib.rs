@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bench;
 pub mod demo;
+pub mod diskio;
 pub mod engine;
 pub mod error;
 pub mod executor;

@@ -49,6 +49,12 @@ pub enum Source {
     Descriptor,
     /// Data at `offset` of registered file number `file`.
     File { file: u32, offset: u64 },
+    /// A host `ggml_tensor` without data whose home is the model file (disk tier).
+    GgmlFile {
+        tensor: *mut crate::ggml::ggml_tensor,
+        file: u32,
+        offset: u64,
+    },
 }
 
 /// Stable handle of a registered tensor. The upper half names the registry so an id from
@@ -279,10 +285,106 @@ impl Registry {
         Ok(self.tensors.len() - before)
     }
 
+    /// Disk tier: registers the tensors of a host context whose data stays in the model file
+    /// (the tensors must have no data: the engine places them on the device when they run).
+    /// Each tensor must exist in the GGUF file with the same type and shape. All or nothing.
+    ///
+    /// # Safety
+    /// `ctx` must be a valid ggml context whose tensors outlive this registry and its engines.
+    pub unsafe fn add_file_backed_context(
+        &mut self,
+        ctx: *mut crate::ggml::ggml_context,
+        path: &Path,
+    ) -> Result<usize> {
+        use crate::ggml as sys;
+        self.check_not_frozen("register tensors")?;
+        if ctx.is_null() {
+            return Err(Error::new(Status::NullPointer, "context is NULL"));
+        }
+        let file = gguf::read_path(path)?;
+        let by_name: HashMap<&str, &gguf::TensorInfo> =
+            file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let before_tensors = self.tensors.len();
+        let before_files = self.files.len();
+        self.files.push(path.to_path_buf());
+        let file_index = before_files as u32;
+        let result = (|| {
+            // SAFETY: iterating a valid context (caller's guarantee).
+            let mut t = unsafe { sys::ggml_get_first_tensor(ctx) };
+            while !t.is_null() {
+                // SAFETY: tensors of a valid context; names are NUL-terminated.
+                let (name, tensor) = unsafe {
+                    (
+                        std::ffi::CStr::from_ptr((*t).name.as_ptr())
+                            .to_string_lossy()
+                            .into_owned(),
+                        &*t,
+                    )
+                };
+                let info = by_name.get(name.as_str()).ok_or_else(|| {
+                    Error::not_found(format!(
+                        "{}: no tensor '{name}' in the file",
+                        path.display()
+                    ))
+                })?;
+                if !tensor.data.is_null() {
+                    return Err(Error::invalid(format!(
+                        "tensor '{name}' already has data; file-backed tensors come from a no_alloc context"
+                    )));
+                }
+                let dims: Vec<u64> = tensor.ne.iter().map(|&d| d.max(0) as u64).collect();
+                let mut file_dims = info.dims.clone();
+                file_dims.resize(4, 1);
+                if tensor.type_ != info.ggml_type || dims != file_dims {
+                    return Err(Error::corrupt(format!(
+                        "{}: tensor '{name}' is {:?} of type {} in the file but {:?} of type {} in the host",
+                        path.display(),
+                        info.dims,
+                        info.ggml_type,
+                        dims,
+                        tensor.type_
+                    )));
+                }
+                self.add(TensorDesc {
+                    name: &name,
+                    ggml_type: info.ggml_type,
+                    dims: &info.dims,
+                    bytes: info.bytes,
+                    source: Source::GgmlFile {
+                        tensor: t,
+                        file: file_index,
+                        offset: info.offset,
+                    },
+                    location: Location::File,
+                })?;
+                // SAFETY: as above.
+                t = unsafe { sys::ggml_get_next_tensor(ctx, t) };
+            }
+            Ok(self.tensors.len() - before_tensors)
+        })();
+        if result.is_err() {
+            self.truncate(before_tensors);
+            self.files.truncate(before_files);
+        }
+        result
+    }
+
     fn truncate(&mut self, len: usize) {
         self.tensors.truncate(len);
         self.by_hash.retain(|_, index| (*index as usize) < len);
         self.grouped = false;
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Registers a model file without its tensors (their descriptors come from elsewhere);
+    /// returns its number for `Source::GgmlFile`.
+    pub fn add_file(&mut self, path: &Path) -> Result<u32> {
+        self.check_not_frozen("register files")?;
+        self.files.push(path.to_path_buf());
+        Ok(self.files.len() as u32 - 1)
     }
 
     pub fn file_path(&self, file: u32) -> Option<&Path> {

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::backend::{Backend, Buffer, Device, Event};
+use crate::diskio::{FileSet, ReadFailure};
 use crate::error::{Error, Result, Status};
 use crate::faults::{self, Fault};
 use crate::ggml as sys;
@@ -24,18 +25,40 @@ use crate::trace::{Lane, Trace};
 pub struct TensorPlace {
     pub tensor: *mut sys::ggml_tensor,
     pub home_data: *mut c_void,
-    /// Where copies read from: the home, or the engine's pinned staging copy of it.
-    pub source: *const u8,
+    /// Where copies read from: the home, the engine's pinned staging copy, or the file.
+    pub source: TensorSource,
     pub home_buffer: sys::ggml_backend_buffer_t,
     /// Offset of this tensor inside its layer's device image (aligned).
     pub offset: u64,
     pub bytes: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorSource {
+    Memory(*const u8),
+    /// The model file itself (disk tier): `offset` of registered file `file`.
+    File {
+        file: u32,
+        offset: u64,
+    },
+}
+
+/// One read that fills a whole layer image from a contiguous stretch of its model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSpan {
+    pub file: u32,
+    /// Aligned down for direct I/O; image offset 0 holds this file offset.
+    pub start: u64,
+    /// Bytes that must exist in the file from `start` (up to the last tensor's end).
+    pub needed: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct LayerImage {
     pub name: String,
     pub tensors: Vec<TensorPlace>,
+    /// Set when the layer streams from its file in one read (image layout = file layout).
+    pub file_span: Option<FileSpan>,
     /// Bytes of the device image, alignment padding included.
     pub image_bytes: u64,
     /// Bytes of tensor data moved per load.
@@ -57,9 +80,52 @@ pub fn layout_layer(name: &str, tensors: Vec<TensorPlace>, alignment: u64) -> La
     LayerImage {
         name: name.to_string(),
         tensors: placed,
+        file_span: None,
         image_bytes: align_up(offset, alignment),
         data_bytes,
     }
+}
+
+/// Lays out a layer whose tensors all come from one model file so that a single aligned read
+/// of the file stretch fills the image; falls back to a packed image (one read per tensor)
+/// when the stretch holds much more than the layer (tensors of other layers interleaved).
+pub fn layout_file_layer(name: &str, tensors: Vec<TensorPlace>, alignment: u64) -> LayerImage {
+    let span = |t: &TensorPlace| match t.source {
+        TensorSource::File { file, offset } => Some((file, offset, offset + t.bytes)),
+        TensorSource::Memory(_) => None,
+    };
+    let spans: Option<Vec<(u32, u64, u64)>> = tensors.iter().map(span).collect();
+    let data_bytes: u64 = tensors.iter().map(|t| t.bytes).sum();
+    if let Some(spans) = spans.filter(|s| !s.is_empty()) {
+        let file = spans[0].0;
+        let lo = spans.iter().map(|s| s.1).min().unwrap_or(0);
+        let hi = spans.iter().map(|s| s.2).max().unwrap_or(0);
+        let start = lo - lo % crate::diskio::DIRECT_ALIGNMENT;
+        let contiguous =
+            (hi - start) <= data_bytes + data_bytes / 4 + crate::diskio::DIRECT_ALIGNMENT;
+        if spans.iter().all(|s| s.0 == file) && contiguous {
+            let placed = tensors
+                .into_iter()
+                .zip(&spans)
+                .map(|(mut t, s)| {
+                    t.offset = s.1 - start;
+                    t
+                })
+                .collect();
+            return LayerImage {
+                name: name.to_string(),
+                tensors: placed,
+                file_span: Some(FileSpan {
+                    file,
+                    start,
+                    needed: hi - start,
+                }),
+                image_bytes: align_up(hi - start, crate::diskio::DIRECT_ALIGNMENT.max(alignment)),
+                data_bytes,
+            };
+        }
+    }
+    layout_layer(name, tensors, alignment)
 }
 
 pub fn align_up(value: u64, alignment: u64) -> u64 {
@@ -88,24 +154,38 @@ impl SlotState {
     }
 }
 
-/// A raw pointer that the copy thread may use: the engine guarantees the memory stays alive
-/// and unaliased by writers until the job completes (see the module comment).
+/// One copy into the arena at `dst` (an arena offset).
 #[derive(Debug, Clone, Copy)]
-struct SendPtr(*mut u8);
-// SAFETY: see the type's comment; the pointee is host memory the host keeps alive.
-unsafe impl Send for SendPtr {}
+enum Piece {
+    /// From host memory the host (or the engine's staging) keeps alive while the engine lives.
+    Memory { src: *const u8, dst: u64, len: u64 },
+    /// From a model file; at least `needed` of the `len` bytes must exist in the file.
+    File {
+        file: u32,
+        offset: u64,
+        dst: u64,
+        len: u64,
+        needed: u64,
+    },
+}
+
+// SAFETY: the pointers in `Memory` pieces point at host memory that outlives every copy job
+// (the engine drains the copy thread before the host may free it), and the destination slot
+// is written by this job alone (the slot protocol in the module comment).
+unsafe impl Send for Piece {}
 
 #[derive(Debug)]
 struct CopyJob {
     slot: usize,
     layer: usize,
-    /// (source, destination offset within the arena, bytes)
-    pieces: Vec<(SendPtr, u64, u64)>,
+    pieces: Vec<Piece>,
 }
 
 #[derive(Debug, Default)]
 struct CopyOutcome {
     error: Option<Error>,
+    /// File offset where a failed read stopped (names the tensor in the error).
+    failed_offset: Option<u64>,
 }
 
 struct Shared {
@@ -134,9 +214,9 @@ impl Sync2 {
 /// copies on a dedicated stream otherwise.
 struct CopyTarget {
     arena: Arc<Buffer>,
-    host_visible: bool,
     /// Copy-stream backend and one shadow tensor spanning the arena (device arenas only).
     device: Option<DeviceCopier>,
+    files: Arc<FileSet>,
 }
 
 struct DeviceCopier {
@@ -160,56 +240,129 @@ impl Drop for ShadowContext {
 }
 
 impl CopyTarget {
-    fn run(&self, job: &CopyJob) -> Result<u64> {
+    fn run(&self, job: &CopyJob, bounce: &mut Bounce) -> std::result::Result<u64, ReadFailure> {
         if faults::should_fail(Fault::CopyThreadPanic) {
             panic!("injected panic in the copy thread");
         }
         if faults::should_fail(Fault::Copy) {
-            return Err(Error::new(
-                Status::Backend,
-                format!("injected copy failure for layer {}", job.layer),
-            ));
+            return Err(ReadFailure {
+                error: Error::new(
+                    Status::Backend,
+                    format!("injected copy failure for layer {}", job.layer),
+                ),
+                offset: 0,
+            });
         }
-        let mut bytes = 0;
         match &self.device {
-            None => {
-                debug_assert!(self.host_visible);
-                for (src, dst, len) in &job.pieces {
-                    // SAFETY: `dst..dst+len` lies inside the arena (checked when the plan laid
-                    // out slots), the slot is Loading so nobody else reads or writes it, and
-                    // `src` points at `len` bytes of host memory the host keeps alive.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            src.0,
-                            self.arena.base().add(*dst as usize),
-                            *len as usize,
-                        )
-                    };
-                    bytes += len;
-                }
-            }
+            None => execute_host(&self.arena, &self.files, &job.pieces),
             Some(dev) => {
                 dev.compute_done[job.slot].wait_on(&dev.backend);
-                for (src, dst, len) in &job.pieces {
-                    // SAFETY: the shadow tensor spans the whole arena, so offset+len is in range
-                    // (checked at layout); the source stays alive as above.
+                let bytes = execute_device(&self.files, &job.pieces, bounce, |src, dst, len| {
+                    // SAFETY: the shadow tensor spans the whole arena, so dst+len is in range
+                    // (checked at layout); the source stays alive until the copy completes
+                    // (host memory, or the bounce buffer which we synchronize on below).
                     unsafe {
                         sys::ggml_backend_tensor_set_async(
                             dev.backend.raw(),
                             dev.shadow,
-                            src.0 as *const c_void,
-                            *dst as usize,
-                            *len as usize,
+                            src.cast(),
+                            dst as usize,
+                            len as usize,
                         )
                     };
-                    bytes += len;
-                }
-                dev.copy_done.record(&dev.backend);
-                dev.copy_done.synchronize();
+                    dev.copy_done.record(&dev.backend);
+                    dev.copy_done.synchronize();
+                })?;
+                Ok(bytes)
             }
         }
-        Ok(bytes)
     }
+}
+
+/// A host buffer aligned for direct I/O, for file reads bound for device memory.
+#[derive(Default)]
+struct Bounce {
+    buffer: Vec<u8>,
+}
+
+impl Bounce {
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        let align = crate::diskio::DIRECT_ALIGNMENT as usize;
+        if self.buffer.len() < len + align {
+            self.buffer = vec![0u8; len + align];
+        }
+        let pad = self.buffer.as_ptr().align_offset(align);
+        &mut self.buffer[pad..pad + len]
+    }
+}
+
+/// Runs copy pieces into a host-visible arena: memcpy, or a read straight into the slot.
+fn execute_host(
+    arena: &Buffer,
+    files: &FileSet,
+    pieces: &[Piece],
+) -> std::result::Result<u64, ReadFailure> {
+    let mut bytes = 0;
+    for piece in pieces {
+        match *piece {
+            Piece::Memory { src, dst, len } => {
+                // SAFETY: `dst..dst+len` lies inside the arena (laid out by the plan), the slot
+                // or resident place is written by this job alone, and `src` points at `len`
+                // bytes of live host memory.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src, arena.base().add(dst as usize), len as usize)
+                };
+                bytes += len;
+            }
+            Piece::File {
+                file,
+                offset,
+                dst,
+                len,
+                needed,
+            } => {
+                // SAFETY: as above, the destination range is inside the arena and ours alone.
+                let target = unsafe {
+                    std::slice::from_raw_parts_mut(arena.base().add(dst as usize), len as usize)
+                };
+                files.read(file, offset, target, needed)?;
+                bytes += needed;
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// Runs copy pieces into device memory through `set(src, dst, len)`; file data goes through
+/// the bounce buffer first.
+fn execute_device(
+    files: &FileSet,
+    pieces: &[Piece],
+    bounce: &mut Bounce,
+    mut set: impl FnMut(*const u8, u64, u64),
+) -> std::result::Result<u64, ReadFailure> {
+    let mut bytes = 0;
+    for piece in pieces {
+        match *piece {
+            Piece::Memory { src, dst, len } => {
+                set(src, dst, len);
+                bytes += len;
+            }
+            Piece::File {
+                file,
+                offset,
+                dst,
+                len,
+                needed,
+            } => {
+                let staging = bounce.get(len as usize);
+                files.read(file, offset, staging, needed)?;
+                set(staging.as_ptr(), dst, needed);
+                bytes += needed;
+            }
+        }
+    }
+    Ok(bytes)
 }
 
 /// Per-layer counters for one run (reset by `reset_stats`).
@@ -269,6 +422,7 @@ pub struct Streamer {
     arena: Arc<Buffer>,
     /// Kept alive until the copy thread is joined (dropped after `Drop::drop`).
     _staging: Option<Buffer>,
+    files: Arc<FileSet>,
     sync: Arc<Sync2>,
     worker: Option<JoinHandle<()>>,
     compute_done: Option<Arc<Vec<Event>>>,
@@ -303,6 +457,7 @@ impl Streamer {
         resident: &[bool],
         slots: usize,
         config: StreamConfig,
+        files: Arc<FileSet>,
     ) -> Result<Streamer> {
         let staging = config.staging;
         if resident.len() != layers.len() {
@@ -337,9 +492,24 @@ impl Streamer {
             slot_offsets.push(offset);
             offset += slot_bytes;
         }
-        let arena_bytes = offset.max(alignment);
+        // Direct I/O reads land straight in slots: their addresses must be sector-aligned,
+        // so over-allocate by one alignment unit and shift every place by the base's misfit.
+        let io_alignment = if layers.iter().any(|l| l.file_span.is_some()) {
+            crate::diskio::DIRECT_ALIGNMENT
+        } else {
+            1
+        };
+        let arena_bytes = offset.max(alignment) + io_alignment - 1;
         let arena = Arc::new(device.alloc(arena_bytes)?);
         let host_visible = arena.is_host();
+        let shift = (arena.base() as u64).next_multiple_of(io_alignment) - arena.base() as u64;
+        for place in resident_offset
+            .iter_mut()
+            .flatten()
+            .chain(slot_offsets.iter_mut())
+        {
+            *place += shift;
+        }
 
         let mut position_in_order = vec![None; layers.len()];
         for (pos, &layer) in stream_order.iter().enumerate() {
@@ -397,8 +567,8 @@ impl Streamer {
         trace.set_layer_names(layers.iter().map(|l| l.name.clone()).collect());
         let target = CopyTarget {
             arena: arena.clone(),
-            host_visible,
             device: device_copier,
+            files: files.clone(),
         };
         let worker = {
             let sync = sync.clone();
@@ -420,7 +590,7 @@ impl Streamer {
             staged_bytes: layers
                 .iter()
                 .flat_map(|l| &l.tensors)
-                .filter(|t| t.source != t.home_data as *const u8)
+                .filter(|t| matches!(t.source, TensorSource::Memory(src) if src != t.home_data as *const u8))
                 .map(|t| t.bytes)
                 .sum(),
             ..Default::default()
@@ -445,6 +615,7 @@ impl Streamer {
             depth: config.prefetch_depth as usize,
             arena,
             _staging: staging,
+            files,
             sync,
             worker: Some(worker),
             compute_done,
@@ -477,19 +648,75 @@ impl Streamer {
                 pieces,
             };
             let target_bytes = self.layers[layer].data_bytes;
-            copy_now(&self.arena, &job)?;
+            copy_now(&self.arena, &self.files, &job).map_err(|f| self.read_error(layer, f))?;
             self.stats.bytes_copied += target_bytes;
             self.redirect(layer, base);
         }
         Ok(())
     }
 
-    fn pieces(&self, layer: usize, base: u64) -> Vec<(SendPtr, u64, u64)> {
-        self.layers[layer]
+    fn pieces(&self, layer: usize, base: u64) -> Vec<Piece> {
+        let image = &self.layers[layer];
+        if let Some(span) = image.file_span {
+            return vec![Piece::File {
+                file: span.file,
+                offset: span.start,
+                dst: base,
+                len: image.image_bytes,
+                needed: span.needed,
+            }];
+        }
+        image
             .tensors
             .iter()
-            .map(|t| (SendPtr(t.source as *mut u8), base + t.offset, t.bytes))
+            .map(|t| match t.source {
+                TensorSource::Memory(src) => Piece::Memory {
+                    src,
+                    dst: base + t.offset,
+                    len: t.bytes,
+                },
+                TensorSource::File { file, offset } => Piece::File {
+                    file,
+                    offset,
+                    dst: base + t.offset,
+                    len: t.bytes,
+                    needed: t.bytes,
+                },
+            })
             .collect()
+    }
+
+    /// Names the tensor a failed read stopped in, so the host learns what and where.
+    fn read_error(&self, layer: usize, failure: ReadFailure) -> Error {
+        let image = &self.layers[layer];
+        // The tensor the read stopped in, or else the first one it had not reached yet.
+        let tensor = image
+            .tensors
+            .iter()
+            .filter_map(|t| match t.source {
+                TensorSource::File { offset, .. } if offset + t.bytes > failure.offset => {
+                    Some((offset, t))
+                }
+                _ => None,
+            })
+            .min_by_key(|(offset, _)| *offset)
+            .map(|(_, t)| t);
+        let what = match tensor {
+            // SAFETY: registered tensors are alive; ggml names are NUL-terminated.
+            Some(t) => format!(
+                "tensor '{}' at file offset {}",
+                unsafe { std::ffi::CStr::from_ptr((*t.tensor).name.as_ptr()) }.to_string_lossy(),
+                failure.offset
+            ),
+            None => format!("file offset {}", failure.offset),
+        };
+        Error::new(
+            failure.error.status,
+            format!(
+                "loading layer {} ({}), {what}: {}",
+                layer, image.name, failure.error.message
+            ),
+        )
     }
 
     pub fn layer_count(&self) -> usize {
@@ -707,17 +934,12 @@ impl Streamer {
             }
             SlotState::Failed(l) if l == layer => {
                 shared.slots[slot] = SlotState::Free;
-                let err = shared.outcomes[slot]
+                let error = shared.outcomes[slot]
                     .error
                     .take()
                     .unwrap_or_else(|| Error::new(Status::Backend, "layer copy failed"));
-                Err(Error::new(
-                    err.status,
-                    format!(
-                        "loading layer {} ({}): {}",
-                        layer, self.layers[layer].name, err.message
-                    ),
-                ))
+                let offset = shared.outcomes[slot].failed_offset.take().unwrap_or(0);
+                Err(self.read_error(layer, ReadFailure { error, offset }))
             }
             other => Err(Error::new(
                 Status::Internal,
@@ -860,30 +1082,23 @@ impl Drop for Streamer {
     }
 }
 
-fn copy_now(arena: &Buffer, job: &CopyJob) -> Result<()> {
+/// Runs a job synchronously on the calling thread (resident places at prepare time).
+fn copy_now(
+    arena: &Buffer,
+    files: &FileSet,
+    job: &CopyJob,
+) -> std::result::Result<(), ReadFailure> {
     if arena.is_host() {
-        for (src, dst, len) in &job.pieces {
-            // SAFETY: the destination range lies inside the arena by construction and no copy
-            // thread touches resident places; the source is live host memory.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.0, arena.base().add(*dst as usize), *len as usize)
-            };
-        }
-        return Ok(());
+        return execute_host(arena, files, &job.pieces).map(|_| ());
     }
-    let (_ctx, shadow) = shadow_tensor(arena)?;
-    for (src, dst, len) in &job.pieces {
-        // SAFETY: the shadow spans the arena; range checked at layout; source is live.
-        unsafe {
-            sys::ggml_backend_tensor_set(
-                shadow,
-                src.0 as *const c_void,
-                *dst as usize,
-                *len as usize,
-            )
-        };
-    }
-    Ok(())
+    let (_ctx, shadow) = shadow_tensor(arena).map_err(|error| ReadFailure { error, offset: 0 })?;
+    let mut bounce = Bounce::default();
+    execute_device(files, &job.pieces, &mut bounce, |src, dst, len| {
+        // SAFETY: the shadow spans the arena; the range was laid out inside it; the source is
+        // live host memory or the bounce buffer, and the synchronous set completes here.
+        unsafe { sys::ggml_backend_tensor_set(shadow, src.cast(), dst as usize, len as usize) };
+    })
+    .map(|_| ())
 }
 
 /// A 1-D byte tensor covering the whole arena, the handle ggml's copy calls need.
@@ -918,6 +1133,7 @@ pub(crate) fn shadow_tensor(arena: &Buffer) -> Result<(ShadowContext, *mut sys::
 }
 
 fn copy_thread(sync: Arc<Sync2>, target: CopyTarget, trace: Trace) {
+    let mut bounce = Bounce::default();
     loop {
         let job = {
             let mut shared = sync.lock();
@@ -932,18 +1148,20 @@ fn copy_thread(sync: Arc<Sync2>, target: CopyTarget, trace: Trace) {
             }
         };
         let start = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target.run(&job)))
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(Error::new(
-                    Status::Internal,
-                    format!("copy thread panicked: {what}"),
-                ))
-            });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            target.run(&job, &mut bounce)
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(ReadFailure {
+                error: Error::new(Status::Internal, format!("copy thread panicked: {what}")),
+                offset: 0,
+            })
+        });
         let micros = start.elapsed().as_micros() as u64;
         let mut shared = sync.lock();
         match result {
@@ -954,9 +1172,10 @@ fn copy_thread(sync: Arc<Sync2>, target: CopyTarget, trace: Trace) {
                 shared.copies += 1;
                 shared.slots[job.slot] = SlotState::Ready(job.layer);
             }
-            Err(err) => {
-                log::error!("{}", err.message);
-                shared.outcomes[job.slot].error = Some(err);
+            Err(failure) => {
+                log::error!("{}", failure.error.message);
+                shared.outcomes[job.slot].failed_offset = Some(failure.offset);
+                shared.outcomes[job.slot].error = Some(failure.error);
                 shared.slots[job.slot] = SlotState::Failed(job.layer);
             }
         }

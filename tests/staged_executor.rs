@@ -97,6 +97,7 @@ fn staged_executor_through_the_c_abi_matches_the_reference() {
         .unwrap()
         .init_backend()
         .unwrap();
+    backend.set_threads(1);
     let reference = run_reference(&host.model, &backend, 1).unwrap();
 
     let mut rp: RegistryParams = unsafe { std::mem::zeroed() };

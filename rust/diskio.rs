@@ -1,0 +1,205 @@
+//! The disk tier's reads: model files opened once, layer-sized positioned reads straight into
+//! their destination, with direct I/O (no page cache, no host copy) where the file system
+//! allows it and buffered reads otherwise.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::{Error, Result, Status};
+use crate::faults::{self, Fault};
+
+/// Alignment of offsets, lengths and buffers for direct I/O (covers 512 B and 4 KiB sectors).
+pub const DIRECT_ALIGNMENT: u64 = 4096;
+
+struct OpenFile {
+    path: PathBuf,
+    buffered: File,
+    direct: Option<File>,
+    /// Direct reads failed once at run time; use buffered reads from then on.
+    direct_failed: AtomicBool,
+}
+
+/// The model files of a registry, open for reading from any thread.
+pub struct FileSet {
+    files: Vec<OpenFile>,
+}
+
+/// A failed read: the error, and the file offset where the data stopped.
+#[derive(Debug)]
+pub struct ReadFailure {
+    pub error: Error,
+    pub offset: u64,
+}
+
+impl FileSet {
+    pub fn open(paths: &[PathBuf]) -> Result<FileSet> {
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let buffered = File::open(path).map_err(|e| Error::io(path.display(), e))?;
+            let direct = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .ok();
+            if direct.is_none() {
+                log::warn!(
+                    "{}: direct I/O is not available on this file system; using buffered reads",
+                    path.display()
+                );
+            }
+            files.push(OpenFile {
+                path: path.clone(),
+                buffered,
+                direct,
+                direct_failed: AtomicBool::new(false),
+            });
+        }
+        Ok(FileSet { files })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn path(&self, file: u32) -> Option<&Path> {
+        self.files.get(file as usize).map(|f| f.path.as_path())
+    }
+
+    /// Whether reads from `file` currently go around the page cache.
+    pub fn direct(&self, file: u32) -> bool {
+        self.files
+            .get(file as usize)
+            .is_some_and(|f| f.direct.is_some() && !f.direct_failed.load(Ordering::Relaxed))
+    }
+
+    /// Reads `dst.len()` bytes at `offset` of `file`; at least `needed` of them must exist
+    /// (the rest may lie past the end of the file: alignment padding of the last layer).
+    pub fn read(
+        &self,
+        file: u32,
+        offset: u64,
+        dst: &mut [u8],
+        needed: u64,
+    ) -> std::result::Result<(), ReadFailure> {
+        let fail = |status, message: String, at| ReadFailure {
+            error: Error::new(status, message),
+            offset: at,
+        };
+        let f = self.files.get(file as usize).ok_or_else(|| {
+            fail(
+                Status::Internal,
+                format!("no open model file {file}"),
+                offset,
+            )
+        })?;
+        if faults::should_fail(Fault::FileRead) {
+            return Err(fail(
+                Status::Io,
+                format!(
+                    "{}: injected read error at offset {offset}",
+                    f.path.display()
+                ),
+                offset,
+            ));
+        }
+        let aligned = offset % DIRECT_ALIGNMENT == 0
+            && dst.len() as u64 % DIRECT_ALIGNMENT == 0
+            && dst.as_ptr() as u64 % DIRECT_ALIGNMENT == 0;
+        let mut got = 0usize;
+        if let (Some(direct), true, false) =
+            (&f.direct, aligned, f.direct_failed.load(Ordering::Relaxed))
+        {
+            match read_fully(direct, offset, dst) {
+                Ok(n) => got = n,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if !f.direct_failed.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "{}: direct reads refused ({e}); using buffered reads",
+                            f.path.display()
+                        );
+                    }
+                }
+                Err(e) => {
+                    return Err(fail(
+                        Status::Io,
+                        format!("{}: read at offset {offset}: {e}", f.path.display()),
+                        offset,
+                    ))
+                }
+            }
+        }
+        if got == 0 {
+            got = read_fully(&f.buffered, offset, dst).map_err(|e| {
+                fail(
+                    Status::Io,
+                    format!("{}: read at offset {offset}: {e}", f.path.display()),
+                    offset,
+                )
+            })?;
+        }
+        if (got as u64) < needed {
+            let at = offset + got as u64;
+            return Err(fail(
+                Status::Io,
+                format!(
+                    "{}: short read at offset {at}: the file ended {} bytes early (truncated?)",
+                    f.path.display(),
+                    needed - got as u64
+                ),
+                at,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads until `dst` is full or the file ends; returns the bytes read.
+fn read_fully(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < dst.len() {
+        match file.read_at(&mut dst[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Drops a file's pages from the page cache (for cold-cache measurements).
+pub fn drop_page_cache(path: &Path) -> Result<()> {
+    let file = File::open(path).map_err(|e| Error::io(path.display(), e))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; advice only.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Status::Io,
+            format!("{}: posix_fadvise failed ({rc})", path.display()),
+        ))
+    }
+}
+
+/// Plain sequential read of a whole file in large chunks: the yardstick for streaming reads.
+pub fn sequential_read_bandwidth(path: &Path, chunk: usize) -> Result<f64> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| Error::io(path.display(), e))?;
+    let mut buf = vec![0u8; chunk.max(1 << 20)];
+    let start = std::time::Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::io(path.display(), e))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64().max(1e-9))
+}

@@ -1,0 +1,226 @@
+//! The disk tier: weights stream straight from the GGUF file; outputs equal the resident run;
+//! read faults and truncated files are errors that name the tensor and offset.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use offload_engine::demo::{run_reference, run_streamed, Architecture, DemoConfig, DemoModel};
+use offload_engine::engine::{Engine, EngineParams};
+use offload_engine::error::Status;
+use offload_engine::faults::{self, Fault};
+use offload_engine::planner::{Link, Mode, Workload};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("oe-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn params(budget: u64, depth: u32) -> EngineParams {
+    EngineParams {
+        device: Some("CPU".into()),
+        budget_bytes: Some(budget),
+        prefetch_depth: depth,
+        ..Default::default()
+    }
+}
+
+fn workload(depth: u32) -> Workload {
+    Workload {
+        steps: 2,
+        passes_per_step: 1,
+        prefetch_depth: depth,
+        ..Default::default()
+    }
+}
+
+/// (reference output, the model's file, an unallocated twin of the model)
+fn fixture(architecture: Architecture, name: &str) -> (Vec<u8>, PathBuf, DemoModel) {
+    let config = DemoConfig::tiny(architecture);
+    let model = DemoModel::new(config.clone()).unwrap();
+    let backend = offload_engine::backend::Device::select(Some("CPU"))
+        .unwrap()
+        .init_backend()
+        .unwrap();
+    backend.set_threads(1); // the engines below compute on one thread too
+    let reference = run_reference(&model, &backend, 2).unwrap();
+    let path = temp_path(name);
+    model.write_gguf(&path).unwrap();
+    (reference, path, DemoModel::unallocated(config).unwrap())
+}
+
+#[test]
+fn streaming_from_the_file_is_bit_identical() {
+    let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    for architecture in [Architecture::Llama, Architecture::Flux] {
+        let (reference, path, twin) = fixture(architecture, &format!("{architecture:?}.gguf"));
+        let w = twin.weight_bytes();
+        for budget in [w * 2, w * 2 / 3, w / 3] {
+            for depth in [0, 1, 3] {
+                let run = run_streamed(
+                    &twin,
+                    Some(&path),
+                    params(budget, depth),
+                    &workload(depth),
+                    2,
+                    None,
+                )
+                .unwrap_or_else(|e| panic!("{architecture:?} budget {budget} depth {depth}: {e}"));
+                assert!(
+                    run.output == reference,
+                    "{architecture:?}: differs at budget {budget}, depth {depth}"
+                );
+                if run.plan.mode == Mode::Streaming {
+                    assert!(run.stats.layer_loads > 0);
+                    assert_eq!(
+                        run.stats.staged_bytes, 0,
+                        "nothing of the file is held in host memory"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_failed_read_names_the_tensor_and_leaves_the_engine_usable() {
+    let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (reference, path, twin) = fixture(Architecture::Llama, "fault.gguf");
+    let mut engine = Engine::new(params(twin.weight_bytes() / 3, 1)).unwrap();
+    // SAFETY: the model outlives the engine.
+    unsafe { engine.register_file_backed(twin.context(), &path).unwrap() };
+    engine
+        .prepare(&workload(1), &Link::named("nvme").unwrap())
+        .unwrap();
+    let mut executor = offload_engine::executor::Executor::new(engine.backend(), [64, 4]).unwrap();
+    faults::arm(Fault::FileRead, 2);
+    let err = executor.run_pass(&twin, Some(&mut engine)).unwrap_err();
+    faults::disarm_all();
+    assert_eq!(err.status, Status::Io, "{err}");
+    assert!(
+        err.message.contains("tensor '") && err.message.contains("offset"),
+        "{err}"
+    );
+    engine.offload_all().unwrap();
+    assert_eq!(
+        executor.run_pass(&twin, Some(&mut engine)).unwrap(),
+        reference
+    );
+}
+
+#[test]
+fn a_file_truncated_while_streaming_is_an_error_not_a_crash() {
+    let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (_, path, twin) = fixture(Architecture::Llama, "truncated.gguf");
+    let mut engine = Engine::new(params(twin.weight_bytes() / 3, 1)).unwrap();
+    // SAFETY: the model outlives the engine.
+    unsafe { engine.register_file_backed(twin.context(), &path).unwrap() };
+    engine
+        .prepare(&workload(1), &Link::named("nvme").unwrap())
+        .unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let mut executor = offload_engine::executor::Executor::new(engine.backend(), [64, 4]).unwrap();
+    let err = executor.run_pass(&twin, Some(&mut engine)).unwrap_err();
+    assert_eq!(err.status, Status::Io, "{err}");
+    assert!(
+        err.message.contains("short read") || err.message.contains("truncated"),
+        "{err}"
+    );
+    assert!(err.message.contains("tensor '"), "{err}");
+    engine.offload_all().unwrap();
+    drop(engine);
+}
+
+#[test]
+fn registration_checks_the_file_against_the_host_tensors() {
+    let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (_, path, twin) = fixture(Architecture::Llama, "mismatch.gguf");
+    // A model of another shape does not match the file.
+    let other = DemoModel::unallocated(DemoConfig {
+        hidden: 32,
+        ..DemoConfig::tiny(Architecture::Llama)
+    })
+    .unwrap();
+    let mut engine = Engine::new(params(1 << 30, 1)).unwrap();
+    // SAFETY: the models outlive the engine.
+    let err = unsafe { engine.register_file_backed(other.context(), &path) }.unwrap_err();
+    assert_eq!(err.status, Status::CorruptFile, "{err}");
+    assert_eq!(engine.registry().tensor_count(), 0, "all or nothing");
+    // Data ranges outside the file are refused at registration.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = temp_path("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 4096]).unwrap();
+    let err = unsafe { engine.register_file_backed(twin.context(), &cut) }.unwrap_err();
+    assert_eq!(err.status, Status::CorruptFile, "{err}");
+    // An allocated model's tensors are not file-backed.
+    let allocated = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    let err = unsafe { engine.register_file_backed(allocated.context(), &path) }.unwrap_err();
+    assert_eq!(err.status, Status::InvalidArgument, "{err}");
+}
+
+#[test]
+fn a_host_mmap_of_the_file_serves_as_the_home_without_copies() {
+    use offload_engine::ggml as sys;
+    let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (reference, path, twin) = fixture(Architecture::Flux, "mmap.gguf");
+    let layout = offload_engine::gguf::read_path(&path).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    use std::os::fd::AsRawFd;
+    // SAFETY: a private read-only mapping of the whole file, unmapped at the end.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    // The host points its tensors into the mapping, as llama.cpp does with mmap'd models.
+    // SAFETY: offsets come from the file's own (validated) layout.
+    unsafe {
+        let mut t = sys::ggml_get_first_tensor(twin.context());
+        while !t.is_null() {
+            let name = std::ffi::CStr::from_ptr((*t).name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            (*t).data = (base as *mut u8)
+                .add(layout.tensor(&name).unwrap().offset as usize)
+                .cast();
+            t = sys::ggml_get_next_tensor(twin.context(), t);
+        }
+    }
+    let run = offload_engine::demo::run_with_engine(
+        &twin,
+        params(twin.weight_bytes() / 3, 1),
+        &workload(1),
+        2,
+        None,
+    )
+    .unwrap();
+    assert_eq!(run.output, reference);
+    assert_eq!(
+        run.stats.staged_bytes, 0,
+        "nothing pinned or copied that the engine does not own"
+    );
+    // SAFETY: restore the unallocated state before unmapping.
+    unsafe {
+        let mut t = sys::ggml_get_first_tensor(twin.context());
+        while !t.is_null() {
+            (*t).data = std::ptr::null_mut();
+            t = sys::ggml_get_next_tensor(twin.context(), t);
+        }
+        libc::munmap(base, len);
+    }
+}
