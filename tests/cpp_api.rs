@@ -38,10 +38,18 @@ fn cpp_api_end_to_end() {
         .arg(&exe)
         .output()
         .expect("a C++ compiler (c++) is installed");
-    assert!(output.status.success(), "compile failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "compile failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let run = Command::new(&exe).output().unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     assert!(stdout.contains("all checks passed"));
     std::fs::remove_dir_all(&out_dir).ok();
 }
