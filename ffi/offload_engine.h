@@ -153,6 +153,17 @@ int offload_engine_registry_add_context(offload_engine_registry *registry, struc
  * corrupt file adds nothing and returns ERR_CORRUPT_FILE naming the problem. */
 int offload_engine_registry_add_gguf(offload_engine_registry *registry, const char *path, size_t *count_out);
 
+/* Disk tier: registers the tensors of a no_alloc context (no data) whose weights stay in the
+ * GGUF file at `path`; each must exist there with the same type and shape. The engine reads
+ * each layer from the file straight into device memory (direct I/O where the file system
+ * allows it) when it runs, so host memory holds no copy of the model. Between uses these
+ * tensors have no data. All or nothing; a data range outside the file is ERR_CORRUPT_FILE.
+ * A read error while streaming fails that layer_begin with ERR_IO naming the tensor and file
+ * offset; the engine stays usable (offload_all, free). To stream from a file the host already
+ * mmaps, register the mapped tensors with add_tensor/add_context instead (no copy is made
+ * unless pinned_limit_bytes asks for one). */
+int offload_engine_registry_add_file_backed(offload_engine_registry *registry, struct ggml_context *ctx, const char *path, size_t *count_out);
+
 /* Registers a tensor by description only (planning and simulation). `ne` holds n_dims (1..4)
  * positive sizes. */
 int offload_engine_registry_add_descriptor(offload_engine_registry *registry, const char *name, int ggml_type, int n_dims, const int64_t *ne, uint64_t *id_out);

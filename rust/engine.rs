@@ -152,9 +152,12 @@ impl Engine {
     }
 
     /// Declares device memory the host needs besides the weights (compute buffer, KV cache).
+    /// Takes effect at the next `prepare` (plan or re-plan).
     pub fn set_reserve(&mut self, bytes: u64) -> Result<()> {
-        if self.plan.is_some() {
-            return Err(Error::state("set the reserve before planning"));
+        if self.streamer.as_ref().is_some_and(|s| s.in_pass()) {
+            return Err(Error::state(
+                "cannot change the reserve while a pass is open (end it first)",
+            ));
         }
         self.reserve_bytes = bytes;
         Ok(())

@@ -473,6 +473,25 @@ pub extern "C" fn offload_engine_registry_add_gguf(
 }
 
 #[no_mangle]
+pub extern "C" fn offload_engine_registry_add_file_backed(
+    handle: *mut RegistryHandle,
+    ctx: *mut sys::ggml_context,
+    path: *const c_char,
+    count_out: *mut usize,
+) -> c_int {
+    boundary(|| {
+        let mut state = registry(handle)?;
+        let path = PathBuf::from(text(path, "path")?);
+        // SAFETY: the header requires a valid context whose tensors outlive the registry.
+        let count = unsafe { state.registry.add_file_backed_context(ctx, &path)? };
+        if let Some(slot) = unsafe_out(count_out) {
+            *slot = count;
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
 pub extern "C" fn offload_engine_registry_add_descriptor(
     handle: *mut RegistryHandle,
     name: *const c_char,
@@ -647,7 +666,10 @@ pub extern "C" fn offload_engine_registry_layer_tensors(
             .registry
             .layer(usize::try_from(layer).unwrap_or(usize::MAX))?;
         let n = l.tensors.len();
-        if capacity < n || (n > 0 && ids_out.is_null()) {
+        if n > 0 && ids_out.is_null() {
+            return Err(Error::new(Status::NullPointer, "ids_out is NULL"));
+        }
+        if capacity < n {
             return Err(Error::invalid(format!(
                 "layer {layer} has {n} tensors but the array holds {capacity} (query with capacity 0 is not enough)"
             )));

@@ -136,6 +136,50 @@ fn name_hash(name: &str) -> u64 {
     hasher.finish()
 }
 
+/// The layer name without its trailing index: "clip_l.….layers.3" -> "clip_l.….layers.".
+fn tower(name: &str) -> &str {
+    name.trim_end_matches(|c: char| c.is_ascii_digit())
+}
+
+/// Conditioner towers in the order pipelines run them (SD3: CLIP-L, CLIP-G, then T5).
+const TOWER_ORDER: [&str; 4] = ["clip_l", "clip_g", "t5xxl", "t5"];
+
+/// Two stacks of one component whose layers get identical keys (two CLIP towers of SD3 in
+/// one file) must not interleave: such parallel towers run one after the other, known
+/// conditioner towers in pipeline order, others alphabetically after them. Towers that never
+/// collide (Wan's blocks and VACE blocks) keep rank 0 so the pattern's interleaving stands.
+fn parallel_tower_ranks(layers: &[Layer]) -> Vec<usize> {
+    let mut by_key: HashMap<(Component, LayerKey), Vec<&str>> = HashMap::new();
+    for l in layers {
+        by_key
+            .entry((l.component, l.order))
+            .or_default()
+            .push(tower(&l.name));
+    }
+    let mut parallel: Vec<&str> = by_key
+        .values()
+        .filter(|towers| towers.iter().any(|t| *t != towers[0]))
+        .flatten()
+        .copied()
+        .collect();
+    let known = |t: &str| {
+        let head = t.split('.').next().unwrap_or(t);
+        TOWER_ORDER
+            .iter()
+            .position(|k| *k == head)
+            .unwrap_or(TOWER_ORDER.len())
+    };
+    parallel.sort_unstable_by(|a, b| (known(a), *a).cmp(&(known(b), *b)));
+    parallel.dedup();
+    layers
+        .iter()
+        .map(|l| {
+            let t = tower(&l.name);
+            parallel.iter().position(|p| *p == t).map_or(0, |i| i + 1)
+        })
+        .collect()
+}
+
 /// Description of one tensor to register (from ggml, GGUF or the caller).
 #[derive(Debug, Clone)]
 pub struct TensorDesc<'a> {
@@ -441,11 +485,19 @@ impl Registry {
             let next = component_rank.len();
             component_rank.entry(layer.component).or_insert(next);
         }
+        let tower_rank = parallel_tower_ranks(&layers);
         let mut order: Vec<usize> = (0..layers.len()).collect();
         order.sort_by(|&a, &b| {
-            let (la, lb) = (&layers[a], &layers[b]);
-            (component_rank[&la.component], la.order)
-                .cmp(&(component_rank[&lb.component], lb.order))
+            let key = |i: usize| {
+                let l = &layers[i];
+                (
+                    component_rank[&l.component],
+                    tower_rank[i],
+                    l.order,
+                    &l.name,
+                )
+            };
+            key(a).cmp(&key(b))
         });
         let mut new_index = vec![0u32; layers.len()];
         for (new, &old) in order.iter().enumerate() {

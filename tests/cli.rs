@@ -157,3 +157,20 @@ fn short_soak_finds_no_mismatch_and_no_leak() {
     // Every engine's copy thread is joined when it is dropped.
     assert_eq!(doc["threads_at_end"], doc["threads_after_first_tenth"]);
 }
+
+#[test]
+fn quick_disk_bench_reports_every_figure() {
+    let (ok, stdout, stderr) = run(&["bench", "--disk", "--quick", "--json"]);
+    assert!(ok, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for key in [
+        "read_fraction_of_sequential",
+        "peak_rss_bytes",
+        "rss_bound_bytes",
+        "bit_identical",
+    ] {
+        assert!(doc.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(doc["bit_identical"], true);
+    assert!(doc["model_over_ring"].as_f64().unwrap() >= 8.0);
+}

@@ -219,3 +219,82 @@ fn staged_executor_through_the_c_abi_matches_the_reference() {
     assert!(stats.layer_loads > 0);
     offload_engine_engine_free(engine);
 }
+
+/// The header's rule: calls on one handle must not overlap. An overlapping call gets
+/// OFFLOAD_ENGINE_ERR_INVALID_STATE instead of a data race.
+#[test]
+fn overlapping_calls_on_one_engine_are_refused_not_raced() {
+    let host = Host {
+        model: DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap(),
+        pending: RefCell::new(Vec::new()),
+    };
+    let mut rp: RegistryParams = unsafe { std::mem::zeroed() };
+    offload_engine_registry_params_init(&mut rp);
+    let mut registry = ptr::null_mut();
+    assert_eq!(offload_engine_registry_new(&rp, &mut registry), 0);
+    assert_eq!(
+        offload_engine_registry_add_context(registry, host.model.context(), ptr::null_mut()),
+        0
+    );
+    let mut ep: EngineParamsC = unsafe { std::mem::zeroed() };
+    offload_engine_engine_params_init(&mut ep);
+    ep.device = c"CPU".as_ptr();
+    ep.budget_bytes = host.model.weight_bytes() / 3;
+    let mut engine = ptr::null_mut();
+    assert_eq!(offload_engine_engine_new(&ep, registry, &mut engine), 0);
+    offload_engine_registry_free(registry);
+    let mut pp: PlanParams = unsafe { std::mem::zeroed() };
+    offload_engine_plan_params_init(&mut pp);
+    assert_eq!(
+        offload_engine_engine_prepare(engine, &pp, ptr::null_mut()),
+        0
+    );
+
+    // One thread runs passes while others hammer the same handle with stats queries.
+    let handle = engine as usize;
+    let model = staged(&host);
+    let model_ptr = &model as *const StagedModelC as usize;
+    let statuses: Vec<Vec<c_int>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                scope.spawn(move || {
+                    (0..2000)
+                        .map(|_| {
+                            let mut stats: StatsC = unsafe { std::mem::zeroed() };
+                            stats.size = std::mem::size_of::<StatsC>();
+                            offload_engine_engine_stats(handle as *mut EngineHandle, &mut stats)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let runner = scope.spawn(move || {
+            (0..20)
+                .map(|_| {
+                    let m = unsafe { &*(model_ptr as *const StagedModelC) };
+                    offload_engine_engine_run_pass(
+                        handle as *mut EngineHandle,
+                        m,
+                        ptr::null_mut(),
+                        0,
+                        ptr::null_mut(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut all: Vec<Vec<c_int>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        all.push(runner.join().unwrap());
+        all
+    });
+    let flat: Vec<c_int> = statuses.into_iter().flatten().collect();
+    assert!(
+        flat.iter().all(|&s| s == 0 || s == 10),
+        "only OK or INVALID_STATE: {flat:?}"
+    );
+    assert!(flat.contains(&0));
+    offload_engine_engine_free(engine);
+    // A freed handle is recognised as such from any thread.
+    let mut stats: StatsC = unsafe { std::mem::zeroed() };
+    stats.size = std::mem::size_of::<StatsC>();
+    assert_eq!(offload_engine_engine_stats(engine, &mut stats), 3);
+}

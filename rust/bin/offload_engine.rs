@@ -56,6 +56,9 @@ enum Command {
         /// Smaller model and fewer repetitions (tests).
         #[arg(long)]
         quick: bool,
+        /// Stream from the model file (disk tier): read throughput and peak RSS.
+        #[arg(long)]
+        disk: bool,
     },
     /// List a GGUF model's layers in execution order.
     Inspect {
@@ -137,7 +140,14 @@ fn main() -> ExitCode {
             json,
             device,
             quick,
-        } => bench::run_bench(json, device.as_deref(), quick),
+            disk,
+        } => {
+            if disk {
+                bench::run_disk_bench(json, quick)
+            } else {
+                bench::run_bench(json, device.as_deref(), quick)
+            }
+        }
         Command::Inspect {
             model,
             pattern,

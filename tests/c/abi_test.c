@@ -14,22 +14,20 @@
  * ggml in one process, which this test must not do.
  *
  * Silent on success (exit 0). The first failed check prints file:line, the check and
- * offload_engine_last_error(), and exits 1.
+ * offload_engine_last_error(), and exits 1. -DABI_TEST_PRINT_COUNT prints how many checks ran.
  *
  * The code is the common subset of C99 and C++17: abi_test.cpp includes this file to run the
  * same checks as C++.
  */
 #ifndef _POSIX_C_SOURCE
-#define _POSIX_C_SOURCE 200809L /* mkdir, getpid, pthreads under -std=c99 */
+#define _POSIX_C_SOURCE 200809L /* getpid and pthreads under -std=c99 */
 #endif
 
-#include <inttypes.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "offload_engine.h"
@@ -150,11 +148,16 @@ static void bytes_string(struct bytes *b, const char *s)
     bytes_append(b, s, strlen(s));
 }
 
-static void bytes_pad(struct bytes *b, size_t alignment)
+static void bytes_zeros(struct bytes *b, size_t n)
 {
     const unsigned char zero = 0;
-    while (b->len % alignment != 0)
+    while (n-- > 0)
         bytes_append(b, &zero, 1);
+}
+
+static void bytes_pad(struct bytes *b, size_t alignment)
+{
+    bytes_zeros(b, (alignment - b->len % alignment) % alignment);
 }
 
 static void write_file(const char *path, const void *data, size_t len)
@@ -216,17 +219,10 @@ static void tiny_gguf_head(struct bytes *b)
 static void write_tiny_gguf(const char *path)
 {
     struct bytes b = {NULL, 0, 0};
-    size_t i;
     tiny_gguf_head(&b);
     bytes_pad(&b, GGUF_ALIGNMENT);
-    for (i = 0; i < TINY_GGUF_TENSORS; i++) {
-        size_t n = (size_t)(tiny_gguf_tensors[i].ne0 * tiny_gguf_tensors[i].ne1);
-        size_t k;
-        for (k = 0; k < n; k++) {
-            float value = (float)k;
-            bytes_append(&b, &value, sizeof value);
-        }
-    }
+    /* Zero-filled data: the registry reads none of it, but the file must hold it. */
+    bytes_zeros(&b, 2 * TINY_LAYER_BYTES + TINY_GLOBAL_BYTES);
     write_file(path, b.data, b.len);
     free(b.data);
 }
@@ -302,6 +298,21 @@ static void check_params_init(void)
     CHECK(engine_params.prefetch_depth == 1);
     CHECK(engine_params.compute_threads == 1);
     CHECK(engine_params.trace == 0);
+    CHECK(engine_params.pinned_limit_bytes == UINT64_MAX);
+
+    /* A newer caller's larger struct is accepted: the library reads the part it knows. */
+    {
+        struct {
+            offload_engine_registry_params params;
+            uint64_t field_from_the_future;
+        } newer;
+        offload_engine_registry *registry = NULL;
+        offload_engine_registry_params_init(&newer.params);
+        newer.params.size = sizeof newer;
+        newer.field_from_the_future = 42;
+        CHECK_OK(offload_engine_registry_new(&newer.params, &registry));
+        offload_engine_registry_free(registry);
+    }
 
     /* NULL is ignored rather than dereferenced. */
     offload_engine_registry_params_init(NULL);
@@ -342,9 +353,11 @@ static void count_log(int level, const char *message, void *user)
         log_probe_engine = NULL;
     }
     pthread_mutex_unlock(&log_lock);
-    /* Outside the lock: the library logs the refusal through this same callback. */
+    /* Outside the lock: the library logs the refusal through this same callback. The probe
+     * is a call that succeeds on any engine not in use. */
     if (probe != NULL) {
-        int status = offload_engine_engine_stats_reset(probe);
+        struct ggml_backend *backend = NULL;
+        int status = offload_engine_engine_backend(probe, &backend);
         pthread_mutex_lock(&log_lock);
         log_counts.probe_status = status;
         pthread_mutex_unlock(&log_lock);
@@ -683,12 +696,12 @@ static offload_engine_plan_params exact_budget(uint64_t free_bytes)
     return params;
 }
 
-static struct offload_engine_plan_summary plan_summary(const offload_engine_plan *plan)
+static offload_engine_plan_summary plan_summary(const offload_engine_plan *plan)
 {
-    struct offload_engine_plan_summary summary;
+    offload_engine_plan_summary summary;
     memset(&summary, 0, sizeof summary);
     summary.size = sizeof summary;
-    CHECK_OK(offload_engine_plan_summary(plan, &summary));
+    CHECK_OK(offload_engine_plan_get_summary(plan, &summary));
     CHECK(summary.size == sizeof summary);
     return summary;
 }
@@ -711,7 +724,7 @@ static void check_plans(void)
     offload_engine_registry *empty = new_registry(NULL);
     offload_engine_plan *plan = NULL;
     offload_engine_plan_params params;
-    struct offload_engine_plan_summary summary;
+    offload_engine_plan_summary summary;
     const char *message;
     int resident = 7;
 
@@ -822,7 +835,7 @@ static void check_null_handles_and_out_pointers(void)
     offload_engine_engine *engine_out = NULL;
     offload_engine_tensor_info tensor_info;
     offload_engine_layer_info layer_info;
-    struct offload_engine_plan_summary summary;
+    offload_engine_plan_summary summary;
     offload_engine_stats stats;
     offload_engine_layer_stats layer_stats;
     struct ggml_backend *backend = NULL;
@@ -862,7 +875,7 @@ static void check_null_handles_and_out_pointers(void)
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_registry_layer_info(NULL, 0, &layer_info));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_registry_layer_tensors(NULL, 0, ids, 4, &count));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_plan_new(NULL, &plan_params, &plan));
-    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_plan_summary(NULL, &summary));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_plan_get_summary(NULL, &summary));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_plan_layer_resident(NULL, 0, &resident));
     CHECK(offload_engine_plan_message(NULL) != NULL && offload_engine_plan_message(NULL)[0] == '\0');
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_new(&engine_params, NULL, &engine_out));
@@ -877,6 +890,11 @@ static void check_null_handles_and_out_pointers(void)
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_layer_stats(NULL, 0, &layer_stats));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_stats_reset(NULL));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_trace_write(NULL, "trace.json"));
+    {
+        double gbps = 0.0;
+        CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_measure_link(NULL, 1 << 20, &gbps, NULL));
+        CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_measure_graph(NULL, NULL, &bytes));
+    }
 
     /* NULL parameter structs, out-pointers and required strings. */
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_registry_new(NULL, &registry_out));
@@ -902,7 +920,7 @@ static void check_null_handles_and_out_pointers(void)
     CHECK(status == OFFLOAD_ENGINE_ERR_NULL_POINTER || status == OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT);
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_plan_new(registry, NULL, &plan));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_plan_new(registry, &plan_params, NULL));
-    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_plan_summary(plan, NULL));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_plan_get_summary(plan, NULL));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_plan_layer_resident(plan, 0, NULL));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_new(NULL, registry, &engine_out));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_new(&engine_params, registry, NULL));
@@ -920,9 +938,9 @@ static void check_null_handles_and_out_pointers(void)
     layer_info.size = 0;
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_registry_layer_info(registry, 0, &layer_info));
     summary.size = 0;
-    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_plan_summary(plan, &summary));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_plan_get_summary(plan, &summary));
     summary.size = sizeof summary - 1;
-    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_plan_summary(plan, &summary));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_plan_get_summary(plan, &summary));
     CHECK(registry_out == NULL && engine_out == NULL);
 
     /* Wrong-kind handles: a plan is not a registry, a registry is not an engine or a plan. */
@@ -931,7 +949,7 @@ static void check_null_handles_and_out_pointers(void)
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_plan_new((offload_engine_registry *)(void *)plan, &plan_params, &plan));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_engine_pass_begin((offload_engine_engine *)(void *)registry));
     summary.size = sizeof summary;
-    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_plan_summary((const offload_engine_plan *)(void *)registry, &summary));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_plan_get_summary((const offload_engine_plan *)(void *)registry, &summary));
     CHECK(offload_engine_plan_message((const offload_engine_plan *)(void *)registry)[0] == '\0');
     /* Something that was never a handle. */
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_registry_layer_count((offload_engine_registry *)(void *)&tensor_storage, &count));
@@ -939,7 +957,7 @@ static void check_null_handles_and_out_pointers(void)
 
     /* Freed handles, checked before anything else is allocated that could reuse the address. */
     offload_engine_plan_free(plan);
-    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_plan_summary(plan, &summary));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_plan_get_summary(plan, &summary));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_plan_layer_resident(plan, 0, &resident));
     CHECK(offload_engine_plan_message(plan)[0] == '\0');
     offload_engine_registry_free(registry);
@@ -1250,13 +1268,10 @@ static void *engine_backend(offload_engine_engine *engine)
     return backend;
 }
 
-static void prepare(offload_engine_engine *engine, int *streamed, struct offload_engine_plan_summary *summary)
+/* Reads a plan's summary and which layers it streams, then frees it. */
+static void take_plan(offload_engine_plan *plan, int *streamed, offload_engine_plan_summary *summary)
 {
-    offload_engine_plan_params params;
-    offload_engine_plan *plan = NULL;
     int layer;
-    offload_engine_plan_params_init(&params); /* free_bytes 0: the engine's budget */
-    CHECK_OK(offload_engine_engine_prepare(engine, &params, &plan));
     CHECK(plan != NULL);
     *summary = plan_summary(plan);
     for (layer = 0; layer < MODEL_LAYERS; layer++) {
@@ -1267,11 +1282,35 @@ static void prepare(offload_engine_engine *engine, int *streamed, struct offload
     offload_engine_plan_free(plan);
 }
 
+static void prepare_with(offload_engine_engine *engine, const offload_engine_plan_params *params,
+                         int *streamed, offload_engine_plan_summary *summary)
+{
+    offload_engine_plan *plan = NULL;
+    CHECK_OK(offload_engine_engine_prepare(engine, params, &plan));
+    take_plan(plan, streamed, summary);
+}
+
+static void prepare(offload_engine_engine *engine, int *streamed, offload_engine_plan_summary *summary)
+{
+    offload_engine_plan_params params;
+    offload_engine_plan_params_init(&params); /* free_bytes 0: the engine's budget */
+    prepare_with(engine, &params, streamed, summary);
+}
+
 static void check_all_home(const struct test_model *model)
 {
     int i;
     for (i = 0; i < MODEL_TENSORS; i++)
         CHECK(model->weights[i]->data == model->home[i]);
+}
+
+/* After offload_all: streamed layers are back home; resident ones and out.w stay put. */
+static void check_streamed_home(const struct test_model *model, const int *streamed)
+{
+    int layer;
+    for (layer = 0; layer < MODEL_LAYERS; layer++)
+        CHECK((model->weights[layer]->data == model->home[layer]) == !!streamed[layer]);
+    CHECK(model->weights[MODEL_LAYERS]->data != model->home[MODEL_LAYERS]);
 }
 
 /* One more pass on a prepared engine: its outputs must equal `expected` bit for bit. */
@@ -1286,7 +1325,7 @@ static void check_pass(struct test_model *model, offload_engine_engine *engine,
 /* Prepares `engine` and runs two passes, both equal to `expected`. */
 static void prepare_and_run(struct test_model *model, offload_engine_engine *engine, uint64_t budget,
                             int expected_mode, const struct forward_output *expected,
-                            int *streamed, struct offload_engine_plan_summary *summary)
+                            int *streamed, offload_engine_plan_summary *summary)
 {
     prepare(engine, streamed, summary);
     CHECK(summary->mode == expected_mode);
@@ -1295,7 +1334,10 @@ static void prepare_and_run(struct test_model *model, offload_engine_engine *eng
     check_pass(model, engine, streamed, expected);
 }
 
-static void check_stats(offload_engine_engine *engine, const int *streamed, uint64_t passes)
+/* `since_prepare`: no stats_reset yet. After one, a load may use a copy made before the
+ * reset, so bytes_copied no longer bounds the loads. */
+static void check_stats(offload_engine_engine *engine, const int *streamed, uint64_t passes,
+                        int since_prepare)
 {
     offload_engine_stats stats;
     offload_engine_layer_stats layer_stats;
@@ -1312,7 +1354,8 @@ static void check_stats(offload_engine_engine *engine, const int *streamed, uint
     /* Each streamed layer is loaded once per pass; resident ones never. */
     CHECK(stats.layer_loads == passes * streamed_count);
     CHECK(stats.prefetch_hits + stats.prefetch_misses == stats.layer_loads);
-    CHECK(stats.bytes_copied >= stats.layer_loads * MODEL_WEIGHT_BYTES);
+    if (since_prepare)
+        CHECK(stats.bytes_copied >= stats.layer_loads * MODEL_WEIGHT_BYTES);
     CHECK(stats.arena_peak_bytes <= stats.arena_bytes);
     CHECK(stats.arena_bytes > 0);
 
@@ -1349,14 +1392,13 @@ static void check_engine(void)
     struct test_model model;
     offload_engine_registry *registry;
     offload_engine_engine *engine;
-    struct offload_engine_plan_summary summary;
+    offload_engine_plan_summary summary;
     struct forward_output reference;
     int streamed[MODEL_LAYERS];
     /* Room for the global group and two streaming slots, not for a resident layer besides. */
     const uint64_t streaming_budget = 3 * MODEL_WEIGHT_BYTES;
     const uint64_t roomy_budget = 1 << 20;
     char trace_path[512], bad_trace_path[512];
-    int layer;
 
     build_model(&model);
     registry = model_registry(&model);
@@ -1366,7 +1408,7 @@ static void check_engine(void)
     engine = cpu_engine(registry, roomy_budget, 0);
     prepare_and_run(&model, engine, roomy_budget, OFFLOAD_ENGINE_MODE_FULL, &reference, streamed, &summary);
     CHECK(summary.resident_layer_count == MODEL_LAYERS && summary.streamed_layer_count == 0);
-    check_stats(engine, streamed, 2);
+    check_stats(engine, streamed, 2, 1);
     scratch_path(trace_path, sizeof trace_path, "untraced.json");
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_trace_write(engine, trace_path));
     offload_engine_engine_free(engine);
@@ -1377,7 +1419,7 @@ static void check_engine(void)
     offload_engine_registry_free(registry);
     prepare_and_run(&model, engine, streaming_budget, OFFLOAD_ENGINE_MODE_STREAMING, &reference, streamed, &summary);
     CHECK(summary.streamed_layer_count >= 1);
-    check_stats(engine, streamed, 2);
+    check_stats(engine, streamed, 2, 1);
     scratch_path(trace_path, sizeof trace_path, "trace.json");
     CHECK_OK(offload_engine_engine_trace_write(engine, trace_path));
     check_trace_file(trace_path);
@@ -1387,19 +1429,29 @@ static void check_engine(void)
 
     /* stats_reset zeroes the counters; the next pass counts from there. */
     CHECK_OK(offload_engine_engine_stats_reset(engine));
-    check_stats(engine, streamed, 0);
+    check_stats(engine, streamed, 0, 0);
     check_pass(&model, engine, streamed, &reference);
-    check_stats(engine, streamed, 1);
+    check_stats(engine, streamed, 1, 0);
 
     /* offload_all inside a pass, with a layer open: closes the pass, tensors back home. */
     CHECK_OK(offload_engine_engine_pass_begin(engine));
     CHECK_OK(offload_engine_engine_layer_begin(engine, 0));
     CHECK_OK(offload_engine_engine_offload_all(engine));
-    for (layer = 0; layer < MODEL_LAYERS; layer++)
-        if (streamed[layer])
-            CHECK(model.weights[layer]->data == model.home[layer]);
+    check_streamed_home(&model, streamed);
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_pass_end(engine));
     CHECK_OK(offload_engine_engine_offload_all(engine)); /* nothing open: still fine */
+    check_pass(&model, engine, streamed, &reference);
+
+    /* Between runs prepare re-plans (with what the runs measured); outputs do not change. */
+    {
+        offload_engine_plan_params params;
+        offload_engine_plan *replanned = NULL;
+        offload_engine_plan_params_init(&params);
+        CHECK_OK(offload_engine_engine_prepare(engine, &params, &replanned));
+        take_plan(replanned, streamed, &summary);
+    }
+    CHECK(summary.mode == OFFLOAD_ENGINE_MODE_STREAMING);
+    check_streamed_home(&model, streamed);
     check_pass(&model, engine, streamed, &reference);
 
     /* Freed with a pass open, a layer open and a prefetch likely in flight. */
@@ -1443,6 +1495,15 @@ static void check_engine_protocol(void)
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_new(&params, registry, &engine));
     CHECK(engine == NULL);
 
+    /* A budget below the global group plus one slot; the refused engine stays unprepared. */
+    offload_engine_plan_params_init(&plan_params);
+    engine = cpu_engine(registry, MODEL_WEIGHT_BYTES, 0);
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INSUFFICIENT_MEMORY, offload_engine_engine_prepare(engine, &plan_params, &plan));
+    CHECK(plan == NULL);
+    CHECK(contains(offload_engine_last_error(), "insufficient"));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_pass_begin(engine));
+    offload_engine_engine_free(engine);
+
     /* Before prepare, nothing runs. */
     engine = cpu_engine(registry, 3 * MODEL_WEIGHT_BYTES, 0);
     stats.size = sizeof stats;
@@ -1451,7 +1512,8 @@ static void check_engine_protocol(void)
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_stats(engine, &stats));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_stats_reset(engine));
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_offload_all(engine));
-    /* The registry stays the host's: it still takes tensors after the engine copied it. */
+    /* The registry stays the host's: it still takes tensors after the engine copied it, and
+     * the engine (which could not stream a descriptor) never sees them. */
     CHECK_OK(offload_engine_registry_add_descriptor(registry, "extra.w", GGML_F32, 1, ne, &id));
 
     offload_engine_plan_params_init(&plan_params);
@@ -1459,8 +1521,6 @@ static void check_engine_protocol(void)
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_prepare(engine, &plan_params, NULL));
     offload_engine_plan_params_init(&plan_params);
     CHECK_OK(offload_engine_engine_prepare(engine, &plan_params, NULL)); /* plan_out may be NULL */
-    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_prepare(engine, &plan_params, &plan));
-    CHECK(plan == NULL);
 
     /* The pass protocol. */
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_pass_end(engine));
@@ -1486,17 +1546,31 @@ static void check_engine_protocol(void)
     CHECK_OK(offload_engine_engine_layer_begin(engine, 1));
     check_weights_visible(model.weights[1], 1);
     CHECK_OK(offload_engine_engine_layer_end(engine, 1));
+    /* Re-planning is for between runs: refused while a pass is open. */
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_prepare(engine, &plan_params, &plan));
+    CHECK(plan == NULL);
+    CHECK(contains(offload_engine_last_error(), "pass"));
     CHECK_OK(offload_engine_engine_pass_end(engine));
     offload_engine_engine_free(engine);
     check_all_home(&model);
 
-    /* Budgets and registries prepare refuses; a refused engine stays unprepared. */
-    engine = cpu_engine(registry, MODEL_WEIGHT_BYTES, 0);
-    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INSUFFICIENT_MEMORY, offload_engine_engine_prepare(engine, &plan_params, &plan));
-    CHECK(plan == NULL);
-    CHECK(contains(offload_engine_last_error(), "insufficient"));
-    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_pass_begin(engine));
-    offload_engine_engine_free(engine);
+    /* An engine without a budget takes the plan's free_bytes as one. (A fresh registry: the
+     * one above now holds a descriptor no engine can stream.) */
+    {
+        offload_engine_registry *fresh = model_registry(&model);
+        offload_engine_engine_params no_budget;
+        offload_engine_plan *planned = NULL;
+        offload_engine_engine_params_init(&no_budget);
+        no_budget.device = "CPU";
+        CHECK_OK(offload_engine_engine_new(&no_budget, fresh, &engine));
+        offload_engine_registry_free(fresh);
+        plan_params = exact_budget(3 * MODEL_WEIGHT_BYTES);
+        CHECK_OK(offload_engine_engine_prepare(engine, &plan_params, &planned));
+        CHECK(plan_summary(planned).mode == OFFLOAD_ENGINE_MODE_STREAMING);
+        CHECK(plan_summary(planned).arena_bytes <= 3 * MODEL_WEIGHT_BYTES);
+        offload_engine_plan_free(planned);
+        offload_engine_engine_free(engine);
+    }
     /* Descriptors have no bytes in memory to stream. */
     engine = cpu_engine(descriptors, (uint64_t)1 << 30, 0);
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_UNSUPPORTED, offload_engine_engine_prepare(engine, &plan_params, NULL));
@@ -1514,7 +1588,7 @@ static void check_engine_faults(void)
     offload_engine_registry *registry;
     offload_engine_engine *engine;
     offload_engine_plan_params plan_params;
-    struct offload_engine_plan_summary summary;
+    offload_engine_plan_summary summary;
     struct forward_output reference;
     int streamed[MODEL_LAYERS];
     int fault, status;
@@ -1540,6 +1614,8 @@ static void check_engine_faults(void)
         int first_streamed = 0;
         while (!streamed[first_streamed])
             first_streamed++;
+        /* Drop what the last pass prefetched, so the next copy is this layer's. */
+        CHECK_OK(offload_engine_engine_offload_all(engine));
         CHECK_OK(offload_engine_debug_inject_fault(fault, 1));
         CHECK_OK(offload_engine_engine_pass_begin(engine));
         status = offload_engine_engine_layer_begin(engine, (uint64_t)first_streamed);
@@ -1547,7 +1623,7 @@ static void check_engine_faults(void)
         CHECK(status == OFFLOAD_ENGINE_ERR_BACKEND || status == OFFLOAD_ENGINE_ERR_INTERNAL);
         CHECK(offload_engine_last_error()[0] != '\0');
         CHECK_OK(offload_engine_engine_offload_all(engine));
-        check_all_home(&model);
+        check_streamed_home(&model, streamed);
         check_pass(&model, engine, streamed, &reference);
     }
     CHECK(logged().errors >= 2);
@@ -1569,6 +1645,325 @@ static void check_engine_faults(void)
     check_pass(&model, engine, streamed, &reference);
     offload_engine_engine_free(engine);
 
+    offload_engine_registry_free(registry);
+    free_model(&model);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Measurements: link bandwidth and a graph's compute buffer
+ * ------------------------------------------------------------------------------------- */
+
+#if ABI_TEST_WITH_GGML
+/* The compute buffer of one layer's graph, as the engine measures it without computing. */
+static uint64_t measure_layer_graph(offload_engine_engine *engine, struct test_model *model)
+{
+    struct ggml_init_params params;
+    struct ggml_context *ctx;
+    struct ggml_tensor *x, *y;
+    struct ggml_cgraph *graph;
+    uint64_t bytes = 0;
+    params.mem_size = ggml_tensor_overhead() * 8 + ggml_graph_overhead();
+    params.mem_buffer = NULL;
+    params.no_alloc = true;
+    ctx = ggml_init(params);
+    CHECK(ctx != NULL);
+    x = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, MODEL_DIM);
+    y = ggml_add(ctx, ggml_mul_mat(ctx, model->weights[0], x), x);
+    graph = ggml_new_graph(ctx);
+    ggml_build_forward_expand(graph, y);
+    CHECK_OK(offload_engine_engine_measure_graph(engine, graph, &bytes));
+    CHECK(x->data == NULL && y->data == NULL); /* a dry run allocates nothing */
+    ggml_free(ctx);
+    return bytes;
+}
+#endif
+
+static void check_measurements(void)
+{
+    struct test_model model;
+    offload_engine_registry *registry;
+    offload_engine_engine *engine;
+    double pageable = -1.0, pinned = -1.0;
+    uint64_t bytes = 12345;
+
+    build_model(&model);
+    registry = model_registry(&model);
+    engine = cpu_engine(registry, 3 * MODEL_WEIGHT_BYTES, 0);
+
+    /* Link bandwidth, on an engine not yet prepared; 0 bytes is clamped up to 1 MiB. */
+    CHECK_OK(offload_engine_engine_measure_link(engine, 0, &pageable, &pinned));
+    CHECK(pageable > 0.0);
+    CHECK(pinned >= 0.0); /* 0 where the device has no pinned memory, as the CPU */
+    CHECK_OK(offload_engine_engine_measure_link(engine, 1 << 20, &pageable, NULL));
+    pageable = -1.0;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_measure_link(engine, 1 << 20, NULL, &pinned));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_measure_graph(engine, NULL, &bytes));
+    CHECK(bytes == 12345);
+
+#if ABI_TEST_WITH_GGML
+    {
+        /* The measured compute buffer, declared as the reserve, comes out of the budget. */
+        offload_engine_plan_params params;
+        offload_engine_plan_summary summary;
+        struct forward_output reference;
+        int streamed[MODEL_LAYERS];
+        const uint64_t reserve = measure_layer_graph(engine, &model);
+        const uint64_t streaming_budget = 3 * MODEL_WEIGHT_BYTES + reserve;
+        CHECK(reserve >= 2 * MODEL_DIM * sizeof(float)); /* at least x and the result */
+        CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_measure_graph(engine, NULL, NULL));
+        offload_engine_plan_params_init(&params);
+        params.compute_reserve_bytes = reserve;
+        offload_engine_engine_free(engine);
+
+        /* The global group and one layer no longer fit once the reserve is taken out... */
+        engine = cpu_engine(registry, 2 * MODEL_WEIGHT_BYTES + reserve - 1, 0);
+        CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INSUFFICIENT_MEMORY, offload_engine_engine_prepare(engine, &params, NULL));
+        offload_engine_engine_free(engine);
+        /* ...and the streaming budget grown by the reserve streams as before. */
+        engine = cpu_engine(registry, streaming_budget, 0);
+        prepare_with(engine, &params, streamed, &summary);
+        CHECK(summary.mode == OFFLOAD_ENGINE_MODE_STREAMING);
+        CHECK(summary.device_bytes <= streaming_budget);
+        reference_forward(&model, &reference);
+        check_pass(&model, engine, streamed, &reference);
+    }
+#endif
+    offload_engine_engine_free(engine);
+    offload_engine_registry_free(registry);
+    free_model(&model);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The three-stage executor (offload_engine_engine_run_pass) on the same model
+ * ------------------------------------------------------------------------------------- */
+
+/* The host side of a staged model, with knobs to make each stage misbehave. */
+struct staged_host {
+    struct test_model *model;
+    struct ggml_tensor *input;
+    /* Called into from build_layer: the engine is busy running the pass then. */
+    offload_engine_engine *probe_engine;
+    int probe_status;
+    int set_inputs_result;
+    int null_layer;        /* build_layer returns NULL for this layer; -1: never */
+    int misshapen_layer;   /* build_layer returns a tensor of the wrong size; -1: never */
+    int null_output;
+};
+
+static struct ggml_tensor *stage_input(void *user, struct ggml_context *ctx)
+{
+    struct staged_host *host = (struct staged_host *)user;
+#if ABI_TEST_WITH_GGML
+    host->input = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, MODEL_DIM, 1);
+#else
+    /* Nothing can be built without ggml: the executor must refuse the NULL. */
+    host->input = NULL;
+    (void)ctx;
+#endif
+    return host->input;
+}
+
+static int stage_set_inputs(void *user)
+{
+    struct staged_host *host = (struct staged_host *)user;
+#if ABI_TEST_WITH_GGML
+    float x[MODEL_DIM];
+    model_input(x);
+    ggml_backend_tensor_set(host->input, x, 0, sizeof x);
+#endif
+    return host->set_inputs_result;
+}
+
+static struct ggml_tensor *stage_layer(void *user, struct ggml_context *ctx, uint64_t layer, struct ggml_tensor *x)
+{
+    struct staged_host *host = (struct staged_host *)user;
+    if (host->probe_engine != NULL) {
+        struct ggml_backend *backend = NULL; /* a call that succeeds on an engine not in use */
+        host->probe_status = offload_engine_engine_backend(host->probe_engine, &backend);
+        host->probe_engine = NULL;
+    }
+    if ((int)layer == host->null_layer)
+        return NULL;
+#if ABI_TEST_WITH_GGML
+    if ((int)layer == host->misshapen_layer)
+        return ggml_new_tensor_1d(ctx, GGML_TYPE_F32, 2 * MODEL_DIM);
+    return ggml_add(ctx, ggml_mul_mat(ctx, host->model->weights[layer], x), x);
+#else
+    (void)ctx;
+    return x;
+#endif
+}
+
+static struct ggml_tensor *stage_output(void *user, struct ggml_context *ctx, struct ggml_tensor *x)
+{
+    struct staged_host *host = (struct staged_host *)user;
+    if (host->null_output)
+        return NULL;
+#if ABI_TEST_WITH_GGML
+    return ggml_mul_mat(ctx, host->model->weights[MODEL_LAYERS], x);
+#else
+    (void)ctx;
+    return x;
+#endif
+}
+
+static offload_engine_staged_model staged_model(struct staged_host *host, struct test_model *model)
+{
+    offload_engine_staged_model staged;
+    memset(host, 0, sizeof *host);
+    host->model = model;
+    host->probe_status = -1;
+    host->null_layer = -1;
+    host->misshapen_layer = -1;
+    memset(&staged, 0, sizeof staged);
+    staged.size = sizeof staged;
+    staged.user = host;
+    staged.layer_count = MODEL_LAYERS;
+    staged.activation_ne[0] = MODEL_DIM;
+    staged.activation_ne[1] = 1;
+    staged.build_input = stage_input;
+    staged.set_inputs = stage_set_inputs;
+    staged.build_layer = stage_layer;
+    staged.build_output = stage_output;
+    return staged;
+}
+
+/* Calls the library refuses before any stage runs: they need no ggml. */
+static void check_run_pass_arguments(offload_engine_engine *engine, struct test_model *model,
+                                     offload_engine_registry *not_an_engine)
+{
+    struct staged_host host;
+    offload_engine_staged_model staged = staged_model(&host, model);
+    float output[MODEL_DIM];
+    size_t size = 12345;
+
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_run_pass(NULL, &staged, output, sizeof output, &size));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_engine_run_pass((offload_engine_engine *)(void *)not_an_engine, &staged, output, sizeof output, &size));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_run_pass(engine, NULL, output, sizeof output, &size));
+    staged.size = 0;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+    staged = staged_model(&host, model);
+    staged.build_layer = NULL;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+    staged = staged_model(&host, model);
+    staged.layer_count = MODEL_LAYERS + 1;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+    CHECK(contains(offload_engine_last_error(), "layers"));
+    staged = staged_model(&host, model);
+    staged.activation_ne[0] = 0;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+#if !ABI_TEST_WITH_GGML
+    staged = staged_model(&host, model);
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+    CHECK(contains(offload_engine_last_error(), "NULL"));
+#endif
+    CHECK(size == 12345);
+}
+
+#if ABI_TEST_WITH_GGML
+/* One staged pass that must succeed and give the reference output bit for bit. */
+static void check_staged_pass(offload_engine_engine *engine, offload_engine_staged_model *staged,
+                              const struct forward_output *reference)
+{
+    float output[MODEL_DIM];
+    size_t size = 0;
+    memset(output, 0, sizeof output);
+    CHECK_OK(offload_engine_engine_run_pass(engine, staged, output, sizeof output, &size));
+    CHECK(size == sizeof output);
+    CHECK(memcmp(output, reference->ggml, sizeof output) == 0);
+}
+
+static void check_run_pass_engine(struct test_model *model, offload_engine_registry *registry,
+                                  uint64_t budget, const struct forward_output *reference)
+{
+    offload_engine_engine *engine = cpu_engine(registry, budget, 0);
+    offload_engine_plan_summary summary;
+    offload_engine_stats stats;
+    struct staged_host host;
+    offload_engine_staged_model staged = staged_model(&host, model);
+    float output[MODEL_DIM], untouched[MODEL_DIM];
+    size_t size = 0;
+    int streamed[MODEL_LAYERS];
+
+    /* Not prepared: the input stage may run, the pass may not. */
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+    prepare(engine, streamed, &summary);
+
+    check_staged_pass(engine, &staged, reference);
+    check_staged_pass(engine, &staged, reference);
+    stats.size = sizeof stats;
+    CHECK_OK(offload_engine_engine_stats(engine, &stats));
+    CHECK(stats.passes == 2);
+    CHECK(stats.layer_loads == 2 * summary.streamed_layer_count);
+
+    /* NULL output: only the size. Too small a buffer: refused, nothing written. */
+    CHECK_OK(offload_engine_engine_run_pass(engine, &staged, NULL, 0, &size));
+    CHECK(size == sizeof output);
+    CHECK_OK(offload_engine_engine_run_pass(engine, &staged, NULL, 0, NULL));
+    memset(output, 0x5A, sizeof output);
+    memcpy(untouched, output, sizeof output);
+    size = 999;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_run_pass(engine, &staged, output, sizeof output - 1, &size));
+    CHECK(memcmp(output, untouched, sizeof output) == 0);
+    CHECK(size == 999);
+
+    /* A call on the engine from inside a stage overlaps the running pass: refused. */
+    host.probe_engine = engine;
+    check_staged_pass(engine, &staged, reference);
+    CHECK(host.probe_status == OFFLOAD_ENGINE_ERR_INVALID_STATE);
+
+    /* Each misbehaving stage is an error; the pass is abandoned and the next one works. */
+    host.set_inputs_result = 5;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+    CHECK(contains(offload_engine_last_error(), "set_inputs"));
+    host.set_inputs_result = 0;
+    check_staged_pass(engine, &staged, reference);
+    host.null_layer = 1;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+    check_streamed_home(model, streamed);
+    host.null_layer = -1;
+    check_staged_pass(engine, &staged, reference);
+    host.misshapen_layer = 2;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+    CHECK(contains(offload_engine_last_error(), "elements"));
+    host.misshapen_layer = -1;
+    check_staged_pass(engine, &staged, reference);
+    host.null_output = 1;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_run_pass(engine, &staged, output, sizeof output, &size));
+    host.null_output = 0;
+    check_staged_pass(engine, &staged, reference);
+
+    /* The executor and the manual protocol share the engine. */
+    check_pass(model, engine, streamed, reference);
+    check_staged_pass(engine, &staged, reference);
+    offload_engine_engine_free(engine);
+    check_all_home(model);
+}
+#endif
+
+static void check_run_pass(void)
+{
+    struct test_model model;
+    offload_engine_registry *registry;
+    offload_engine_engine *engine;
+    struct forward_output reference;
+    int streamed[MODEL_LAYERS];
+    offload_engine_plan_summary summary;
+
+    build_model(&model);
+    registry = model_registry(&model);
+    reference_forward(&model, &reference);
+
+    engine = cpu_engine(registry, 3 * MODEL_WEIGHT_BYTES, 0);
+    prepare(engine, streamed, &summary);
+    check_run_pass_arguments(engine, &model, registry);
+    check_pass(&model, engine, streamed, &reference); /* refused calls left no trace */
+    offload_engine_engine_free(engine);
+
+#if ABI_TEST_WITH_GGML
+    check_run_pass_engine(&model, registry, 1 << 20, &reference);         /* all resident */
+    check_run_pass_engine(&model, registry, 3 * MODEL_WEIGHT_BYTES, &reference); /* streaming */
+#endif
     offload_engine_registry_free(registry);
     free_model(&model);
 }
@@ -1646,6 +2041,8 @@ static void run_c_checks(int argc, char **argv)
     check_engine();
     check_engine_protocol();
     check_engine_faults();
+    check_run_pass();
+    check_measurements();
 #ifdef ABI_TEST_PRINT_COUNT
     printf("%ld checks passed\n", checks_passed);
 #endif
