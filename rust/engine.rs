@@ -1,7 +1,6 @@
 //! The engine: a device, a registry of the host's weight tensors, a plan, and the streamer
 //! that carries it out. This is the object behind `offload_engine_engine*` in the C ABI.
 
-use std::ffi::CStr;
 use std::sync::Arc;
 
 use crate::diskio::FileSet;
@@ -11,7 +10,7 @@ use crate::backend::{Backend, Buffer, Device};
 use crate::error::{Error, Result, Status};
 use crate::ggml as sys;
 use crate::planner::{self, Budget, LayerCost, Link, ModelCost, Plan, Workload};
-use crate::registry::{Location, Registry, Source, TensorDesc, TensorId};
+use crate::registry::{Location, Registry, Source, TensorId};
 use crate::stream::{
     layout_file_layer, layout_layer, LayerImage, StreamConfig, StreamStats, Streamer, TensorPlace,
     TensorSource,
@@ -173,48 +172,8 @@ impl Engine {
         tensor: *mut sys::ggml_tensor,
         name: Option<&str>,
     ) -> Result<TensorId> {
-        if tensor.is_null() {
-            return Err(Error::new(Status::NullPointer, "tensor is NULL"));
-        }
-        // SAFETY: the caller guarantees a valid tensor.
-        let t = unsafe { &*tensor };
-        let owned_name;
-        let name = match name {
-            Some(n) => n,
-            None => {
-                // SAFETY: ggml tensor names are NUL-terminated within the fixed array.
-                owned_name = unsafe { CStr::from_ptr(t.name.as_ptr()) }
-                    .to_string_lossy()
-                    .into_owned();
-                &owned_name
-            }
-        };
-        if t.data.is_null() {
-            return Err(Error::invalid(format!(
-                "tensor '{name}' has no data: load the weights into host memory before registering"
-            )));
-        }
-        if !t.buffer.is_null() {
-            // SAFETY: a non-null buffer of a valid tensor.
-            let host = unsafe { sys::ggml_backend_buffer_is_host(t.buffer) };
-            if !host {
-                return Err(Error::new(
-                    Status::Unsupported,
-                    format!("tensor '{name}' lives in device memory; register weights while they are in host memory"),
-                ));
-            }
-        }
-        let dims: Vec<u64> = t.ne.iter().map(|&d| d.max(0) as u64).collect();
-        // SAFETY: a valid tensor.
-        let bytes = unsafe { sys::ggml_nbytes(tensor) } as u64;
-        self.registry.add(TensorDesc {
-            name,
-            ggml_type: t.type_,
-            dims: &dims,
-            bytes,
-            source: Source::Ggml(tensor),
-            location: Location::Host,
-        })
+        // SAFETY: forwarded caller guarantee.
+        unsafe { self.registry.add_ggml_tensor(tensor, name) }
     }
 
     /// Disk tier: registers a no_alloc context's tensors whose data stays in `path`.
@@ -235,20 +194,8 @@ impl Engine {
     /// # Safety
     /// `ctx` must be a valid context whose tensors outlive the engine.
     pub unsafe fn register_context(&mut self, ctx: *mut sys::ggml_context) -> Result<usize> {
-        if ctx.is_null() {
-            return Err(Error::new(Status::NullPointer, "context is NULL"));
-        }
-        let mut count = 0;
-        // SAFETY: iterating a valid context.
-        let mut t = unsafe { sys::ggml_get_first_tensor(ctx) };
-        while !t.is_null() {
-            // SAFETY: tensors of a valid context.
-            unsafe { self.register_tensor(t, None)? };
-            count += 1;
-            // SAFETY: as above.
-            t = unsafe { sys::ggml_get_next_tensor(ctx, t) };
-        }
-        Ok(count)
+        // SAFETY: forwarded caller guarantee.
+        unsafe { self.registry.add_ggml_context(ctx) }
     }
 
     /// The budget this engine plans with: the user's figure, else the device's free memory.

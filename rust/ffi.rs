@@ -20,7 +20,7 @@ use crate::engine::{Engine, EngineParams};
 use crate::error::{Error, Result, Status};
 use crate::executor::{Executor, InputFill, LayeredModel};
 use crate::ggml as sys;
-use crate::planner::{self, Budget, Link, ModelCost, Plan, Workload};
+use crate::planner::{self, Budget, Link, Plan, Workload};
 use crate::registry::{Location, Registry, Source, TensorDesc, TensorId};
 
 // ---------------------------------------------------------------------------------------
@@ -361,7 +361,8 @@ pub extern "C" fn offload_engine_registry_add_tensor(
         if tensor.is_null() {
             return Err(Error::new(Status::NullPointer, "tensor is NULL"));
         }
-        let id = add_ggml_tensor(&mut state.registry, tensor, name)?;
+        // SAFETY: the header requires a valid tensor that outlives the registry's engines.
+        let id = unsafe { state.registry.add_ggml_tensor(tensor, name)? };
         if let Some(slot) = unsafe_out(id_out) {
             *slot = id.0;
         }
@@ -375,57 +376,6 @@ fn unsafe_out<'a, T>(ptr: *mut T) -> Option<&'a mut T> {
     unsafe { ptr.as_mut() }
 }
 
-fn add_ggml_tensor(
-    registry: &mut Registry,
-    tensor: *mut sys::ggml_tensor,
-    name: Option<&str>,
-) -> Result<TensorId> {
-    // SAFETY: the caller passed a tensor pointer the header requires to be valid.
-    let t = unsafe { &*tensor };
-    let owned;
-    let name = match name {
-        Some(n) => n,
-        None => {
-            // SAFETY: ggml names are NUL-terminated inside the fixed array.
-            owned = unsafe { CStr::from_ptr(t.name.as_ptr()) }
-                .to_string_lossy()
-                .into_owned();
-            &owned
-        }
-    };
-    if t.data.is_null() {
-        return Err(Error::invalid(format!(
-            "tensor '{name}' has no data (allocate and load it first)"
-        )));
-    }
-    if !t.buffer.is_null() {
-        // SAFETY: non-null buffer of a valid tensor.
-        if !unsafe { sys::ggml_backend_buffer_is_host(t.buffer) } {
-            return Err(Error::new(
-                Status::Unsupported,
-                format!("tensor '{name}' lives in device memory; register weights while they are in host memory"),
-            ));
-        }
-    }
-    if !(0..sys::GGML_TYPE_COUNT as i32).contains(&(t.type_ as i32)) {
-        return Err(Error::invalid(format!(
-            "tensor '{name}' has an invalid ggml type {}",
-            t.type_
-        )));
-    }
-    let dims: Vec<u64> = t.ne.iter().map(|&d| d.max(0) as u64).collect();
-    // SAFETY: a valid tensor with a valid type.
-    let bytes = unsafe { sys::ggml_nbytes(tensor) } as u64;
-    registry.add(TensorDesc {
-        name,
-        ggml_type: t.type_,
-        dims: &dims,
-        bytes,
-        source: Source::Ggml(tensor),
-        location: Location::Host,
-    })
-}
-
 #[no_mangle]
 pub extern "C" fn offload_engine_registry_add_context(
     handle: *mut RegistryHandle,
@@ -437,17 +387,8 @@ pub extern "C" fn offload_engine_registry_add_context(
         if ctx.is_null() {
             return Err(Error::new(Status::NullPointer, "context is NULL"));
         }
-        let before = state.registry.tensor_count();
-        // SAFETY: the header requires a valid context.
-        let mut t = unsafe { sys::ggml_get_first_tensor(ctx) };
-        let mut count = 0usize;
-        while !t.is_null() {
-            add_ggml_tensor(&mut state.registry, t, None)?;
-            count += 1;
-            // SAFETY: iterating a valid context.
-            t = unsafe { sys::ggml_get_next_tensor(ctx, t) };
-        }
-        debug_assert_eq!(state.registry.tensor_count(), before + count);
+        // SAFETY: the header requires a valid context whose tensors outlive the registry's engines.
+        let count = unsafe { state.registry.add_ggml_context(ctx)? };
         if let Some(slot) = unsafe_out(count_out) {
             *slot = count;
         }
@@ -804,21 +745,7 @@ pub extern "C" fn offload_engine_plan_new(
         let mut state = registry(handle)?;
         let (budget, workload, link) = plan_inputs(params)?;
         out(plan_out, "plan_out")?;
-        let global = state.registry.global_bytes();
-        let model = ModelCost {
-            layers: state
-                .registry
-                .layers()
-                .iter()
-                .map(|l| planner::LayerCost {
-                    name: l.name.clone(),
-                    bytes: l.bytes,
-                    once_bytes: 0,
-                    compute_seconds: None,
-                })
-                .collect(),
-            global_bytes: global,
-        };
+        let model = state.registry.model_cost();
         let plan = planner::plan(&model, &budget, &workload, &link)?.into_result()?;
         publish_plan(plan, model.layers.len(), plan_out)
     })

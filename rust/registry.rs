@@ -329,6 +329,110 @@ impl Registry {
         Ok(self.tensors.len() - before)
     }
 
+    /// Registers a host ggml tensor (`name` overrides the name ggml holds). Its data must be
+    /// in host memory; it is checked here so nothing invalid reaches ggml later.
+    ///
+    /// # Safety
+    /// `tensor` must be NULL or point to a valid tensor that outlives the registry's engines.
+    pub unsafe fn add_ggml_tensor(
+        &mut self,
+        tensor: *mut crate::ggml::ggml_tensor,
+        name: Option<&str>,
+    ) -> Result<TensorId> {
+        use crate::ggml as sys;
+        if tensor.is_null() {
+            return Err(Error::new(Status::NullPointer, "tensor is NULL"));
+        }
+        // SAFETY: a non-null tensor the caller guarantees valid.
+        let t = unsafe { &*tensor };
+        let owned;
+        let name = match name {
+            Some(n) => n,
+            None => {
+                // SAFETY: ggml names are NUL-terminated inside their fixed array.
+                owned = unsafe { std::ffi::CStr::from_ptr(t.name.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned();
+                &owned
+            }
+        };
+        if t.data.is_null() {
+            return Err(Error::invalid(format!(
+                "tensor '{name}' has no data: load the weights into host memory first \
+                 (or register a no_alloc context from its file: the disk tier)"
+            )));
+        }
+        // SAFETY: a non-null buffer of a valid tensor.
+        if !t.buffer.is_null() && !unsafe { sys::ggml_backend_buffer_is_host(t.buffer) } {
+            return Err(Error::new(
+                Status::Unsupported,
+                format!("tensor '{name}' lives in device memory; register weights while they are in host memory"),
+            ));
+        }
+        if t.type_ >= sys::GGML_TYPE_COUNT {
+            return Err(Error::invalid(format!(
+                "tensor '{name}' has an invalid ggml type {}",
+                t.type_
+            )));
+        }
+        let dims: Vec<u64> = t.ne.iter().map(|&d| d.max(0) as u64).collect();
+        // SAFETY: a valid tensor with a valid type.
+        let bytes = unsafe { sys::ggml_nbytes(tensor) } as u64;
+        self.add(TensorDesc {
+            name,
+            ggml_type: t.type_,
+            dims: &dims,
+            bytes,
+            source: Source::Ggml(tensor),
+            location: Location::Host,
+        })
+    }
+
+    /// Registers every tensor of a host context (as `add_ggml_tensor`); all or nothing.
+    ///
+    /// # Safety
+    /// `ctx` must be NULL or a valid context whose tensors outlive the registry's engines.
+    pub unsafe fn add_ggml_context(
+        &mut self,
+        ctx: *mut crate::ggml::ggml_context,
+    ) -> Result<usize> {
+        use crate::ggml as sys;
+        if ctx.is_null() {
+            return Err(Error::new(Status::NullPointer, "context is NULL"));
+        }
+        let before = self.tensors.len();
+        // SAFETY: iterating a valid context.
+        let mut t = unsafe { sys::ggml_get_first_tensor(ctx) };
+        while !t.is_null() {
+            // SAFETY: tensors of a valid context.
+            if let Err(err) = unsafe { self.add_ggml_tensor(t, None) } {
+                self.truncate(before);
+                return Err(err);
+            }
+            // SAFETY: as above.
+            t = unsafe { sys::ggml_get_next_tensor(ctx, t) };
+        }
+        Ok(self.tensors.len() - before)
+    }
+
+    /// The layers' sizes in execution order and the global bytes, as the planner sees them.
+    pub fn model_cost(&mut self) -> crate::planner::ModelCost {
+        let global_bytes = self.global_bytes();
+        crate::planner::ModelCost {
+            layers: self
+                .layers()
+                .iter()
+                .map(|l| crate::planner::LayerCost {
+                    name: l.name.clone(),
+                    bytes: l.bytes,
+                    once_bytes: 0,
+                    compute_seconds: None,
+                })
+                .collect(),
+            global_bytes,
+        }
+    }
+
     /// Disk tier: registers the tensors of a host context whose data stays in the model file
     /// (the tensors must have no data: the engine places them on the device when they run).
     /// Each tensor must exist in the GGUF file with the same type and shape. All or nothing.

@@ -290,23 +290,7 @@ struct PlanArgs {
 
 fn plan(args: PlanArgs) -> Result<()> {
     let cost = match (&args.model, &args.hparams) {
-        (Some(path), None) => {
-            let mut registry = load_registry(path, args.pattern.as_deref())?;
-            let global_bytes = registry.global_bytes();
-            planner::ModelCost {
-                layers: registry
-                    .layers()
-                    .iter()
-                    .map(|l| planner::LayerCost {
-                        name: l.name.clone(),
-                        bytes: l.bytes,
-                        once_bytes: 0,
-                        compute_seconds: None,
-                    })
-                    .collect(),
-                global_bytes,
-            }
-        }
+        (Some(path), None) => load_registry(path, args.pattern.as_deref())?.model_cost(),
         (None, Some(spec)) => Hparams::parse(spec)?.to_model_cost(),
         _ => {
             return Err(Error::invalid(
