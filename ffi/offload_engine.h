@@ -146,7 +146,8 @@ void offload_engine_registry_free(offload_engine_registry *registry);
  * NULL. */
 int offload_engine_registry_add_tensor(offload_engine_registry *registry, struct ggml_tensor *tensor, const char *name, uint64_t *id_out);
 
-/* Registers every tensor of a context (same rules as add_tensor). `count_out` may be NULL. */
+/* Registers every tensor of a context (same rules as add_tensor); all or nothing.
+ * `count_out` may be NULL. */
 int offload_engine_registry_add_context(offload_engine_registry *registry, struct ggml_context *ctx, size_t *count_out);
 
 /* Registers every tensor a GGUF file describes (no weights are read). All or nothing: a

@@ -347,6 +347,12 @@ impl Engine {
                 files.clone(),
             ) {
                 Ok(streamer) => {
+                    plan.host_bytes =
+                        host_memory_bytes(&images, &global_image, &resident, &streamer);
+                    plan.message.push_str(&format!(
+                        "; host memory for weights: {}",
+                        crate::units::format_bytes(plan.host_bytes)
+                    ));
                     for (layer, &is_resident) in resident.iter().enumerate().take(images.len()) {
                         let location = if is_resident {
                             Location::Device
@@ -531,6 +537,46 @@ impl Engine {
         }
         streamer.trace.write(path)
     }
+}
+
+/// Host memory the weights occupy during a run: homes in host memory (the host's buffers or
+/// a mapping it made), the engine's staging copies, and for file-backed layers bound for
+/// device memory one bounce buffer of a slot. File-backed layers cost nothing more: the file
+/// is their home. On a host-visible device the arena itself is host memory too.
+fn host_memory_bytes(
+    images: &[LayerImage],
+    global: &LayerImage,
+    resident: &[bool],
+    streamer: &Streamer,
+) -> u64 {
+    let in_memory = |image: &LayerImage| -> u64 {
+        image
+            .tensors
+            .iter()
+            .filter(|t| !t.home_data.is_null())
+            .map(|t| t.bytes)
+            .sum()
+    };
+    let homes: u64 = images
+        .iter()
+        .chain(std::iter::once(global))
+        .map(in_memory)
+        .sum();
+    let stats = streamer.stats();
+    let streams_from_file = images.iter().zip(resident).any(|(image, &is_resident)| {
+        !is_resident && image.tensors.iter().any(|t| t.home_data.is_null())
+    });
+    let bounce = if streams_from_file && !streamer.arena_is_host() {
+        streamer.slot_bytes()
+    } else {
+        0
+    };
+    let arena = if streamer.arena_is_host() {
+        streamer.arena_bytes()
+    } else {
+        0
+    };
+    homes + stats.staged_bytes + bounce + arena
 }
 
 /// What a run measured: the inputs a re-plan uses instead of table values.

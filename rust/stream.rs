@@ -735,6 +735,11 @@ impl Streamer {
         self.slot_bytes
     }
 
+    /// The arena is host memory (the CPU device, or an integrated GPU sharing it).
+    pub fn arena_is_host(&self) -> bool {
+        self.arena.is_host()
+    }
+
     pub fn arena_bytes(&self) -> u64 {
         self.arena.size()
     }

@@ -78,6 +78,13 @@ fn streaming_from_the_file_is_bit_identical() {
                         run.stats.staged_bytes, 0,
                         "nothing of the file is held in host memory"
                     );
+                    // On the CPU device the arena is the only host memory the weights take.
+                    assert_eq!(
+                        run.plan.host_bytes, run.stats.arena_bytes,
+                        "{}",
+                        run.plan.message
+                    );
+                    assert!(run.plan.message.contains("host memory for weights"));
                 }
             }
         }

@@ -259,6 +259,9 @@ pub struct Plan {
     pub global_bytes: u64,
     /// Compute reserve (or activations) + persistent bytes.
     pub reserve_bytes: u64,
+    /// Host memory the run holds for weights (homes, staging, bounce buffers); 0 until an
+    /// engine that knows where the weights live fills it in.
+    pub host_bytes: u64,
     /// Human-readable summary: what was decided and why, which figures were measured.
     pub message: String,
 }
@@ -356,6 +359,7 @@ pub fn plan(model: &ModelCost, budget: &Budget, workload: &Workload, link: &Link
         compute_measured: model.layers.iter().all(|l| l.compute_seconds.is_some()),
         global_bytes: global,
         reserve_bytes,
+        host_bytes: 0,
         message: String::new(),
     };
 
