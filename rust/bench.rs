@@ -178,8 +178,40 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
     config.tokens = ((config.tokens as f64 * scale).round() as i64).clamp(1, 512);
     let model = DemoModel::new(config.clone())?;
 
-    let full = run_with_engine(&model, params(weights * 2, 1), &workload(1), passes, None)?;
-    let streamed = run_with_engine(&model, params(budget, 1), &workload(1), passes, None)?;
+    // The machine is shared: every configuration runs once per round, rounds interleaved, and
+    // each figure is the best pass over all rounds, so slow spells hit all of them alike.
+    let backend = crate::backend::Device::select(device)?.init_backend()?;
+    backend.set_threads(1);
+    let mut executor = Executor::new(&backend, model.activation_shape())?;
+    let (mut full_t, mut streamed_t, mut naive_t, mut copy_t, mut reference_t) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut outputs = Vec::new();
+    let mut streamed_stats = None;
+    let rounds = if quick { 2 } else { 3 };
+    for _ in 0..rounds {
+        let full = run_with_engine(&model, params(weights * 2, 1), &workload(1), passes, None)?;
+        full_t.push(steady(&full.pass_seconds));
+        let streamed = run_with_engine(&model, params(budget, 1), &workload(1), passes, None)?;
+        streamed_t.push(steady(&streamed.pass_seconds));
+        let naive = run_with_engine(&model, params(budget, 0), &workload(0), passes, None)?;
+        naive_t.push(steady(&naive.pass_seconds));
+        copy_t.push(copies_alone(
+            &model,
+            params(budget, 1),
+            &workload(1),
+            passes,
+        )?);
+        let mut times = Vec::new();
+        for _ in 0..passes {
+            let start = Instant::now();
+            outputs.push(executor.run_pass(&model, None)?);
+            times.push(start.elapsed().as_secs_f64());
+        }
+        reference_t.push(steady(&times));
+        outputs.extend([full.output, streamed.output, naive.output]);
+        streamed_stats = Some(streamed.stats);
+    }
+    let streamed = streamed_stats.expect("at least one round");
     let traced = run_with_engine(
         &model,
         params(budget, 1),
@@ -187,26 +219,23 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
         2,
         Some(&std::env::temp_dir().join("offload-engine-bench-trace.json")),
     )?;
-    let naive = run_with_engine(&model, params(budget, 0), &workload(0), passes, None)?;
-    let copy_time = copies_alone(&model, params(budget, 1), &workload(1), passes)?;
-    let compute_time = steady(&full.pass_seconds);
-
-    let backend = crate::backend::Device::select(device)?.init_backend()?;
-    backend.set_threads(1);
-    let mut executor = Executor::new(&backend, model.activation_shape())?;
-    let mut reference_times = Vec::new();
-    let mut reference_out = Vec::new();
-    for _ in 0..passes {
-        let start = Instant::now();
-        reference_out = executor.run_pass(&model, None)?;
-        reference_times.push(start.elapsed().as_secs_f64());
-    }
-    let reference = steady(&reference_times);
+    let (compute_time, streamed_time, naive_time, copy_time, reference) = (
+        min(&full_t),
+        min(&streamed_t),
+        min(&naive_t),
+        min(&copy_t),
+        min(&reference_t),
+    );
     let bookkeeping = bookkeeping_us(&model, params(weights * 2, 1), &workload(1))?;
-    let (registry_ms, bytes_per_tensor) = registry_figures()?;
+    let (registry_ms, bytes_per_tensor) = (0..3)
+        .map(|_| registry_figures())
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .fold((f64::MAX, 0.0), |(best, _), (ms, bytes)| {
+            (best.min(ms), bytes)
+        });
 
-    let streaming_copy =
-        streamed.stats.bytes_copied as f64 / (streamed.stats.copy_us.max(1) as f64 / 1e6);
+    let streaming_copy = streamed.bytes_copied as f64 / (streamed.copy_us.max(1) as f64 / 1e6);
     let limit = compute_time.max(copy_time);
     let device_name = crate::backend::Device::select(device)?.name;
     Ok(BenchReport {
@@ -215,10 +244,10 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
         tokens: config.tokens,
         compute_alone_ms: compute_time * 1e3,
         copies_alone_ms: copy_time * 1e3,
-        streamed_ms: steady(&streamed.pass_seconds) * 1e3,
-        naive_ms: steady(&naive.pass_seconds) * 1e3,
-        overlap_ratio: steady(&streamed.pass_seconds) / limit,
-        naive_ratio: steady(&naive.pass_seconds) / limit,
+        streamed_ms: streamed_time * 1e3,
+        naive_ms: naive_time * 1e3,
+        overlap_ratio: streamed_time / limit,
+        naive_ratio: naive_time / limit,
         memcpy_gbps: memcpy / 1e9,
         streaming_copy_gbps: streaming_copy / 1e9,
         copy_fraction_of_memcpy: streaming_copy / memcpy,
@@ -230,9 +259,7 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
         plan_1000_layers_ms: crate::planner::bench_plan_1000_layers() * 1e3,
         registry_100k_ms: registry_ms,
         registry_bytes_per_tensor: bytes_per_tensor,
-        bit_identical: full.output == streamed.output
-            && streamed.output == naive.output
-            && naive.output == reference_out,
+        bit_identical: outputs.windows(2).all(|w| w[0] == w[1]) && traced.output == outputs[0],
     })
 }
 

@@ -28,6 +28,9 @@ pub struct DemoConfig {
     pub vocab: i64,
     pub tokens: i64,
     pub seed: u64,
+    /// ggml type of the weight matrices (F16 by default; Q8_0 or Q4_0 make compute heavier
+    /// per byte moved, which is what diffusion- and prefill-like workloads look like).
+    pub matrix_type: sys::ggml_type,
 }
 
 impl DemoConfig {
@@ -42,6 +45,7 @@ impl DemoConfig {
             vocab: 4096,
             tokens: 16,
             seed: 42,
+            matrix_type: sys::GGML_TYPE_F16,
         }
     }
 
@@ -56,6 +60,7 @@ impl DemoConfig {
             vocab: 128,
             tokens: 4,
             seed: 7,
+            matrix_type: sys::GGML_TYPE_F16,
         }
     }
 
@@ -64,6 +69,24 @@ impl DemoConfig {
             return Err(Error::invalid(
                 "demo model: hidden must be a positive multiple of heads",
             ));
+        }
+        let supported = [
+            sys::GGML_TYPE_F16,
+            sys::GGML_TYPE_F32,
+            sys::GGML_TYPE_Q8_0,
+            sys::GGML_TYPE_Q4_0,
+        ];
+        if !supported.contains(&self.matrix_type) {
+            return Err(Error::invalid(
+                "demo model: matrices are f16, f32, q8_0 or q4_0",
+            ));
+        }
+        // SAFETY: a supported type id.
+        let block = unsafe { sys::ggml_blck_size(self.matrix_type) };
+        if self.hidden % block != 0 || self.ffn % block != 0 {
+            return Err(Error::invalid(format!(
+                "demo model: hidden and ffn must be multiples of {block}"
+            )));
         }
         if self.layers == 0 || self.vocab <= 0 || self.tokens <= 0 {
             return Err(Error::invalid(
@@ -146,7 +169,7 @@ impl DemoModel {
                 t
             }
         };
-        let f16 = sys::GGML_TYPE_F16;
+        let f16 = config.matrix_type;
         let f32 = sys::GGML_TYPE_F32;
         let mut layers = Vec::new();
         match config.architecture {
@@ -326,10 +349,21 @@ impl DemoModel {
                     }
                 })
                 .collect();
-            // SAFETY: `data` holds n elements of type `ty` (f32 or f16), allocated above.
+            // SAFETY: `data` holds n elements of type `ty`, allocated above; quantized rows
+            // are ne0 elements (a multiple of the block size, checked in validate).
             unsafe {
                 if ty == sys::GGML_TYPE_F16 {
                     sys::ggml_fp32_to_fp16_row(values.as_ptr(), (*t).data.cast(), n);
+                } else if ty != sys::GGML_TYPE_F32 {
+                    sys::ggml_quantize_chunk(
+                        ty,
+                        values.as_ptr(),
+                        (*t).data,
+                        0,
+                        n / ne0,
+                        ne0,
+                        std::ptr::null(),
+                    );
                 } else {
                     std::ptr::copy_nonoverlapping(
                         values.as_ptr(),

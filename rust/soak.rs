@@ -69,6 +69,7 @@ pub fn run_soak(engines: u64, passes_per_engine: u64, seed: u64) -> Result<SoakR
             vocab: 64,
             tokens: 1 + rng.below(4) as i64,
             seed: rng.next(),
+            matrix_type: crate::ggml::GGML_TYPE_F16,
         };
         let model = DemoModel::new(config)?;
         let reference = run_reference(&model, &backend, 1)?;
