@@ -288,6 +288,12 @@ impl Engine {
             }
             self.measured = Measured::from_stats(&streamer.stats()).or(self.measured.take());
         }
+        if workload.prefetch_depth > 64 {
+            return Err(Error::invalid(format!(
+                "prefetch depth {} is larger than 64",
+                workload.prefetch_depth
+            )));
+        }
         // Restores every tensor's home and frees the old arena before the new one is sized.
         self.streamer = None;
         self.plan = None;
@@ -376,7 +382,7 @@ impl Engine {
                     plan.streamed_layers.push(dropped);
                     plan.streamed_layers.sort_unstable();
                     if plan.slot_count == 0 {
-                        plan.slot_count = workload.prefetch_depth + 1;
+                        plan.slot_count = workload.prefetch_depth.saturating_add(1);
                     }
                     plan.mode = planner::Mode::Streaming;
                 }

@@ -970,7 +970,9 @@ pub extern "C" fn offload_engine_engine_prepare(
         }
         budget_from_params.free_bytes = 0;
         e.set_reserve(
-            budget_from_params.compute_reserve_bytes + budget_from_params.persistent_bytes,
+            budget_from_params
+                .compute_reserve_bytes
+                .saturating_add(budget_from_params.persistent_bytes),
         )?;
         let layer_count = e.layer_count();
         let plan = e.prepare(&workload, &link)?.clone();

@@ -44,7 +44,7 @@ pub fn parse_size(text: &str) -> Result<u64> {
         }
     };
     let bytes = value * (1u64 << shift) as f64;
-    if !bytes.is_finite() || bytes <= 0.0 || bytes >= u64::MAX as f64 {
+    if !bytes.is_finite() || bytes.round() < 1.0 || bytes >= u64::MAX as f64 {
         return Err(Error::invalid(format!(
             "size {text:?} must be positive and finite"
         )));

@@ -408,8 +408,11 @@ pub fn plan(model: &ModelCost, budget: &Budget, workload: &Workload, link: &Link
         .collect();
     let passes = workload.passes_per_step as f64;
     // fold from +0.0: an empty f64 sum is -0.0, which would print as "-0.0000 s".
-    plan.predicted_compute_seconds = passes * compute.iter().fold(0.0, |a, c| a + c);
-    plan.predicted_transfer_seconds = passes * copy.iter().flatten().fold(0.0, |a, t| a + t);
+    // Extreme sizes or rates would overflow to infinity: cap at the largest finite value.
+    plan.predicted_compute_seconds =
+        (passes * compute.iter().fold(0.0, |a, c| a + c)).min(f64::MAX);
+    plan.predicted_transfer_seconds =
+        (passes * copy.iter().flatten().fold(0.0, |a, t| a + t)).min(f64::MAX);
     plan.predicted_step_seconds =
         schedule::step_seconds(&compute, &copy, slot_count.max(1), workload.passes_per_step);
 
@@ -492,8 +495,9 @@ fn free_needed(budget: &Budget, need: u128, extra: u64) -> u128 {
         + budget.compute_reserve_bytes as u128
         + budget.persistent_bytes as u128
         + extra as u128;
-    let by_fraction = (target as f64 / budget.safety_fraction).ceil() as u128 + 1;
-    by_fraction.max(target + budget.min_free_bytes as u128)
+    // `as u128` saturates for huge or infinite quotients; the additions must saturate too.
+    let by_fraction = ((target as f64 / budget.safety_fraction).ceil() as u128).saturating_add(1);
+    by_fraction.max(target.saturating_add(budget.min_free_bytes as u128))
 }
 
 fn insufficient_message(
