@@ -551,27 +551,31 @@ impl Registry {
                 patterns::detect(&names)
             }
         };
-        let mut by_layer: HashMap<String, usize> = HashMap::new();
+        // Per component, layer name -> index: the same block index in the text encoder and
+        // in the diffusion model are different layers.
+        let mut by_layer: HashMap<Component, HashMap<String, usize>> = HashMap::new();
         let mut layers: Vec<Layer> = Vec::new();
         let mut global = Vec::new();
         for (index, tensor) in self.tensors.iter_mut().enumerate() {
             let id = TensorId::new(self.serial, index as u32);
             match pattern.match_name(&tensor.name) {
                 Some(matched) => {
-                    // The same block index in two components (text encoder and diffusion model)
-                    // are different layers.
-                    let key = format!("{}/{}", tensor.component.as_str(), matched.layer_name);
-                    let slot = *by_layer.entry(key).or_insert_with(|| {
-                        layers.push(Layer {
-                            name: matched.layer_name.clone(),
-                            component: tensor.component,
-                            tensors: Vec::new(),
-                            bytes: 0,
-                            location: tensor.location,
-                            order: matched.order,
-                        });
-                        layers.len() - 1
-                    });
+                    let in_component = by_layer.entry(tensor.component).or_default();
+                    let slot = match in_component.get(matched.layer_name.as_str()) {
+                        Some(&slot) => slot,
+                        None => {
+                            layers.push(Layer {
+                                name: matched.layer_name.clone(),
+                                component: tensor.component,
+                                tensors: Vec::new(),
+                                bytes: 0,
+                                location: tensor.location,
+                                order: matched.order,
+                            });
+                            in_component.insert(matched.layer_name, layers.len() - 1);
+                            layers.len() - 1
+                        }
+                    };
                     let layer = &mut layers[slot];
                     layer.tensors.push(id);
                     layer.bytes = layer.bytes.saturating_add(tensor.bytes);
