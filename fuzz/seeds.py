@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of fuzz_plan and fuzz_abi (fuzz/corpus/<target>/).
+
+The two targets decode structured inputs (fuzz_targets/input.rs); these encoders follow the
+same byte layout so the seeds start the fuzzer on realistic plans and on complete engine
+sessions instead of on noise. A seed that drifts out of step with the decoder still works as
+an input, only a less useful one. Run from anywhere: python3 fuzz/seeds.py
+"""
+import os
+import struct
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- primitives (input.rs) ------------------------------------------------------------------
+
+def size(v):
+    """Input::size: exact encodings for the values the seeds use."""
+    if v == 0:
+        return [0]
+    if v < 256:
+        return [1, v]
+    if v == 2**64 - 1:
+        return [5]
+    if v % (1 << 20) == 0 and v >> 20 < 65536:
+        return [3] + list(struct.pack("<H", v >> 20))
+    if v % (1 << 10) == 0 and v >> 10 < 65536:
+        return [2] + list(struct.pack("<H", v >> 10))
+    return [8] + list(struct.pack("<Q", v))
+
+
+def count(v):
+    if v == 0:
+        return [0]
+    if v == 1:
+        return [1]
+    if v < 8:
+        return [2, v]
+    return [5] + list(struct.pack("<I", v))
+
+
+def float_(v):
+    if v != v:
+        return [0]
+    if v == 1.0:
+        return [6]
+    if v == 0.9:
+        return [7]
+    if v == 0.0:
+        return [3]
+    return [9] + list(struct.pack("<d", v))
+
+
+# --- fuzz_plan ------------------------------------------------------------------------------
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def plan_input(layers, global_bytes, free, steps=1, passes=1, prefetch=1, safety=0.9,
+               min_free=512 * MIB, total=0, reserve=0, link=(1, 0), hparams=""):
+    """layers: list of (bytes, once_mode, compute or None); link: (kind, payload)."""
+    out = [len(layers)]
+    for b, once_mode, compute in layers:
+        out += size(b) + [once_mode]
+        out += [0] if compute is None else [1] + float_(compute)
+    out += size(global_bytes)
+    out += size(free) + size(total) + size(min_free) + float_(safety) + size(reserve) + size(0)
+    out += count(steps) + count(passes) + count(prefetch) + size(0)
+    kind, payload = link
+    out += [kind]
+    out += float_(payload) if kind == 0 else [payload]
+    out += [0]  # no calibration
+    out += [80]  # memory bar width
+    out += [0] + size(10 * GIB) + float_(60e9) + float_(1e12) + float_(100e12) + float_(2.0)
+    text = hparams.encode()
+    out += [0, len(text)] + list(text)
+    return bytes(out)
+
+
+def plan_seeds():
+    llama = "hidden=4096,layers=32,heads=32,kv_heads=8,vocab=32000,ffn=11008,context=4096,type=q4_k"
+    yield "llama_fits", plan_input([(200 * MIB, 0, None)] * 32, 500 * MIB, 24 * GIB,
+                                   hparams=llama)
+    yield "llama_streams", plan_input([(400 * MIB, 0, 0.004)] * 32, 1 * GIB, 8 * GIB,
+                                      prefetch=2, hparams=llama.replace("q4_k", "f16"))
+    yield "diffusion_cfg", plan_input([(300 * MIB, 2, 0.01)] * 19, 2 * GIB, 6 * GIB,
+                                      steps=20, passes=2, prefetch=2, link=(0, 12.0))
+    yield "insufficient", plan_input([(4 * GIB, 0, None)] * 4, 1 * GIB, 2 * GIB)
+    irregular = [((40 * MIB) + (i * 7919 % 3001) * 4096, 0, None) for i in range(64)]
+    yield "irregular", plan_input(irregular, 2 * GIB, 3 * GIB, steps=100, passes=2,
+                                  prefetch=3, link=(1, 3))
+    yield "invalid", plan_input([(0, 0, float("nan"))], 0, 1, steps=0, safety=float("nan"),
+                                hparams="hidden=0")
+
+
+# --- fuzz_abi -------------------------------------------------------------------------------
+
+LIVE = 4  # State::pick selector for the first live handle of the wanted kind
+ANY = 3  # the first handle of the wanted kind, live or freed
+
+
+def registry_new():
+    return [0, 3, 1, 1, 1]
+
+
+def add_context(model, reg=LIVE):
+    return [2, reg, model, 1]
+
+
+def add_descriptor(name_index, ne0, ne1, reg=LIVE):
+    # name from NAMES, F32, two dims (ne[2..4] unused), ne pointer non-NULL
+    sel = 2 | (name_index << 2)
+    dims = []
+    for d in (ne0, ne1, 1, 1):
+        dims += [4] + list(struct.pack("<H", d))
+    return [4, reg, sel, 0, 3] + dims + [1]
+
+
+def getters(which, reg=LIVE):
+    return [5, reg, 1, which]
+
+
+def plan_params(free, shift=0, workload=None, budget=None, gbps=None):
+    """free << shift bytes free (no margin), or budget = (free, total, min_free, safety,
+    compute_reserve, persistent); workload = (steps, passes, prefetch)."""
+    out = [3, 1]
+    if budget:
+        free_, total, min_free, safety, reserve, persistent = budget
+        out += [1] + size(free_) + size(total) + size(min_free) + float_(safety)
+        out += size(reserve) + size(persistent)
+    else:
+        out += [0] + list(struct.pack("<H", free)) + [shift]
+    if workload:
+        out += [1] + count(workload[0]) + count(workload[1]) + count(workload[2])
+    else:
+        out += [0]
+    return out + ([0] if gbps is None else [1] + float_(gbps))
+
+
+def plan_new(free, shift=0, reg=LIVE, workload=None, budget=None, gbps=None):
+    return [10, reg] + plan_params(free, shift, workload, budget, gbps) + [1, 1]
+
+
+def plan_summary(plan=LIVE):
+    return [11, plan, 0, 3, 1]
+
+
+def engine_new(budget_kib=None, prefetch=None, reg=LIVE):
+    out = [13, reg, 3, 2, 0]  # struct size, "CPU", 1 thread
+    if budget_kib is None:
+        out += [0]
+    else:
+        out += [1, 2] + list(struct.pack("<H", budget_kib)) + [0] + float_(1.0)
+    out += [0] if prefetch is None else [1] + count(prefetch)
+    return out + [1, 1, 1, 1]
+
+
+def prepare(engine=LIVE, workload=None, budget=None):
+    return [15, engine] + plan_params(0, 0, workload, budget) + [1, 0]
+
+
+def whole_pass(layers, reverse=False, engine=LIVE):
+    return [25, engine, layers, 1 if reverse else 0]
+
+
+def layer(begin, index, engine=LIVE):
+    return [18 if begin else 19, engine, 0, index]
+
+
+def stats(engine=LIVE):
+    return [21, engine, 0, 3, 1]
+
+
+def abi_seeds():
+    yield "stream_session", bytes(
+        registry_new() + add_context(0) + getters(1) + plan_new(1, 10) + plan_summary()
+        + engine_new(budget_kib=1, prefetch=1) + prepare() + whole_pass(4) + whole_pass(4, True)
+        + stats() + [14, LIVE] + [1, LIVE] + [12, LIVE])
+    yield "resident_session", bytes(
+        registry_new() + add_context(1) + engine_new() + prepare() + whole_pass(2) + stats()
+        + [20, LIVE] + [14, LIVE])
+    yield "double_free", bytes(
+        registry_new() + add_context(0) + engine_new(budget_kib=1) + [14, LIVE] + [14, ANY]
+        + [16, ANY] + [1, LIVE] + [1, ANY] + getters(0, reg=ANY))
+    yield "out_of_order", bytes(
+        registry_new() + add_context(0) + engine_new(budget_kib=1, prefetch=2)
+        + prepare(workload=(1, 2, 2)) + layer(True, 2) + [16, LIVE] + layer(True, 3)
+        + layer(True, 1) + layer(False, 3) + layer(False, 9) + [17, LIVE] + [17, LIVE])
+    yield "descriptors", bytes(
+        registry_new() + add_descriptor(0, 4096, 4096) + add_descriptor(1, 4096, 4096)
+        + add_descriptor(3, 4096, 1) + getters(1) + plan_new(60000, 11) + plan_summary()
+        + engine_new() + prepare())
+
+
+# --- regressions: inputs that failed before commit 9ff9d66 (docs/FUZZING.md) ---------------------
+
+U64_MAX = 2**64 - 1
+U32_MAX = 2**32 - 1
+TINY = 5e-324  # the smallest positive double
+
+
+def regression_seeds():
+    one_layer = [(4 * GIB, 0, None)]
+    yield "fuzz_plan", "free_needed_overflow", plan_input(one_layer, 1 * GIB, 2 * GIB,
+                                                         safety=TINY)
+    yield "fuzz_plan", "passes_hang", plan_input([(MIB, 0, None)] * 8, 0, 8 * GIB,
+                                                 passes=U32_MAX)
+    yield "fuzz_plan", "infinite_step_time", plan_input([(GIB, 0, None)] * 8, 0, 4 * GIB,
+                                                        link=(0, 1e-322))
+    yield "fuzz_plan", "parse_size_zero", plan_input([(MIB, 0, None)], 0, 8 * GIB,
+                                                     hparams="0.4")
+    session = registry_new() + add_context(0)
+    yield "fuzz_abi", "free_needed_overflow", bytes(
+        session + plan_new(0, budget=(1000, 0, 0, TINY, 0, 0)))
+    yield "fuzz_abi", "passes_hang", bytes(session + plan_new(1, 20, workload=(1, U32_MAX, 1)))
+    yield "fuzz_abi", "infinite_step_time", bytes(session + plan_new(700, gbps=1e-320)
+                                                  + plan_summary())
+    yield "fuzz_abi", "reserve_overflow", bytes(
+        session + engine_new() + prepare(budget=(0, 0, 0, 0.9, U64_MAX, 1)))
+    fault = [24, 0, 1]  # device allocation fails at the next check
+    yield "fuzz_abi", "prefetch_retry_overflow", bytes(
+        session + engine_new() + fault + prepare(workload=(1, 1, U32_MAX)))
+    # The largest depth prepare accepts now, through the same retry.
+    yield "fuzz_abi", "prefetch_retry_64", bytes(
+        session + engine_new() + fault + prepare(workload=(1, 1, 64)))
+
+
+def write(directory, seeds, prefix=""):
+    directory = os.path.join(ROOT, directory)
+    os.makedirs(directory, exist_ok=True)
+    for name, data in seeds:
+        with open(os.path.join(directory, prefix + name + ".bin"), "wb") as f:
+            f.write(data)
+
+
+if __name__ == "__main__":
+    write("corpus/fuzz_plan", plan_seeds())
+    write("corpus/fuzz_abi", abi_seeds())
+    for target, name, data in regression_seeds():
+        write("corpus/" + target, [(name, data)], prefix="regress_")
