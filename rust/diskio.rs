@@ -17,8 +17,73 @@ struct OpenFile {
     path: PathBuf,
     buffered: File,
     direct: Option<File>,
+    /// A read-only mapping used only to ask which pages the page cache holds (`mincore`).
+    mapping: Option<Mapping>,
     /// Direct reads failed once at run time; use buffered reads from then on.
     direct_failed: AtomicBool,
+}
+
+struct Mapping {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and only passed to `mincore`, never dereferenced.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(file: &File) -> Option<Mapping> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: a private read-only mapping of an open file; unmapped in Drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        (base != libc::MAP_FAILED).then_some(Mapping { base, len })
+    }
+
+    /// Fraction of the pages of `offset..offset+len` that the page cache holds.
+    fn cached_fraction(&self, offset: u64, len: u64) -> f64 {
+        let page = 4096u64;
+        let start = offset - offset % page;
+        let end = (offset + len).min(self.len as u64);
+        if end <= start {
+            return 0.0;
+        }
+        let pages = (end - start).div_ceil(page) as usize;
+        let mut residency = vec![0u8; pages];
+        // SAFETY: the range lies inside the mapping and `residency` has one byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                (self.base as *mut u8).add(start as usize).cast(),
+                (end - start) as usize,
+                residency.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return 0.0;
+        }
+        residency.iter().filter(|&&r| r & 1 == 1).count() as f64 / pages as f64
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
 }
 
 /// The model files of a registry, open for reading from any thread.
@@ -49,10 +114,12 @@ impl FileSet {
                     path.display()
                 );
             }
+            let mapping = Mapping::new(&buffered);
             files.push(OpenFile {
                 path: path.clone(),
                 buffered,
                 direct,
+                mapping,
                 direct_failed: AtomicBool::new(false),
             });
         }
@@ -104,7 +171,14 @@ impl FileSet {
                 offset,
             ));
         }
-        let aligned = offset % DIRECT_ALIGNMENT == 0
+        // Direct reads skip the page cache: right when the data must come from the disk, but a
+        // loss when the cache already holds it (a warm second run), so those read buffered.
+        let cached = f
+            .mapping
+            .as_ref()
+            .is_some_and(|m| m.cached_fraction(offset, needed) > 0.5);
+        let aligned = !cached
+            && offset % DIRECT_ALIGNMENT == 0
             && dst.len() as u64 % DIRECT_ALIGNMENT == 0
             && dst.as_ptr() as u64 % DIRECT_ALIGNMENT == 0;
         let mut got = 0usize;
