@@ -90,6 +90,10 @@ fn generate_bindings(include_dir: &Path) {
         .allowlist_type("gguf_.*")
         .allowlist_var("GGML_.*")
         .allowlist_var("GGUF_.*")
+        // stdio's FILE appears in a few ggml signatures; its layout (bitfields in newer
+        // glibc) is none of our business.
+        .opaque_type("_IO_FILE")
+        .opaque_type("FILE")
         .prepend_enum_name(false)
         .layout_tests(false)
         .generate_comments(false)

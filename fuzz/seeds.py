@@ -193,15 +193,19 @@ def abi_seeds():
         + engine_new() + prepare())
 
 
-# --- regressions: inputs that failed before commit 9ff9d66 (docs/FUZZING.md) ---------------------
+# --- bugs the targets found (docs/FUZZING.md) ----------------------------------------------------
+# regress_*: failed before commit 9ff9d66, pass since. known_*: open bugs; they fail only with
+# FUZZ_KNOWN_BUGS=1 (without it the targets steer around them).
 
 U64_MAX = 2**64 - 1
 U32_MAX = 2**32 - 1
 TINY = 5e-324  # the smallest positive double
 
 
-def regression_seeds():
+def bug_seeds():
     one_layer = [(4 * GIB, 0, None)]
+    yield "fuzz_plan", "known_loads_overflow", plan_input([(GIB, 0, None)] * 8, 0, 4 * GIB,
+                                                          steps=U32_MAX, passes=U32_MAX)
     yield "fuzz_plan", "free_needed_overflow", plan_input(one_layer, 1 * GIB, 2 * GIB,
                                                          safety=TINY)
     yield "fuzz_plan", "passes_hang", plan_input([(MIB, 0, None)] * 8, 0, 8 * GIB,
@@ -221,8 +225,10 @@ def regression_seeds():
     fault = [24, 0, 1]  # device allocation fails at the next check
     yield "fuzz_abi", "prefetch_retry_overflow", bytes(
         session + engine_new() + fault + prepare(workload=(1, 1, U32_MAX)))
-    # The largest depth prepare accepts now, through the same retry.
-    yield "fuzz_abi", "prefetch_retry_64", bytes(
+    yield "fuzz_abi", "known_loads_overflow", bytes(
+        session + plan_new(700, workload=(U32_MAX, U32_MAX, 1)))
+    # The retry after a failed arena allocation, with the largest depth prepare accepts.
+    yield "fuzz_abi", "known_retry_plan_figures", bytes(
         session + engine_new() + fault + prepare(workload=(1, 1, 64)))
 
 
@@ -237,5 +243,6 @@ def write(directory, seeds, prefix=""):
 if __name__ == "__main__":
     write("corpus/fuzz_plan", plan_seeds())
     write("corpus/fuzz_abi", abi_seeds())
-    for target, name, data in regression_seeds():
-        write("corpus/" + target, [(name, data)], prefix="regress_")
+    for target, name, data in bug_seeds():
+        prefix = "" if name.startswith("known_") else "regress_"
+        write("corpus/" + target, [(name, data)], prefix=prefix)

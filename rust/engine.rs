@@ -320,12 +320,12 @@ impl Engine {
                 link = measured_link.clone();
             }
         }
-        let budget = self.budget();
-        let mut plan = planner::plan(&model, &budget, workload, &link)?.into_result()?;
+        let mut budget = self.budget();
         let files = Arc::new(FileSet::open(self.registry.files())?);
         // The device may refuse the arena even when the numbers said it fits (fragmentation,
-        // another process): retry with fewer resident layers before giving up.
+        // another process): plan again for less memory, one resident layer's worth at a time.
         loop {
+            let mut plan = planner::plan(&model, &budget, workload, &link)?.into_result()?;
             let mut resident = vec![false; images.len()];
             for &l in &plan.resident_layers {
                 resident[l] = true;
@@ -368,29 +368,39 @@ impl Engine {
                         self.registry.set_layer_location(layer, location)?;
                     }
                     self.streamer = Some(streamer);
-                    break;
+                    self.plan = Some(plan);
+                    return Ok(self.plan.as_ref().expect("just set"));
                 }
                 Err(err)
                     if err.status == Status::OutOfMemory && !plan.resident_layers.is_empty() =>
                 {
-                    let dropped = plan.resident_layers.pop().expect("not empty");
+                    let largest = plan
+                        .resident_layers
+                        .iter()
+                        .map(|&l| images[l].image_bytes)
+                        .max()
+                        .unwrap_or(0);
+                    // Plan again for at most what failed minus its largest resident layer:
+                    // the free memory whose usable part (after fraction, margin and reserves)
+                    // is exactly that.
+                    let target =
+                        (plan.global_bytes + plan.arena_bytes).saturating_sub(largest.max(1));
+                    let reserves = budget
+                        .compute_reserve_bytes
+                        .saturating_add(budget.persistent_bytes);
+                    let wanted = target.saturating_add(reserves);
+                    let by_fraction = (wanted as f64 / budget.safety_fraction).ceil() as u64;
+                    let free = by_fraction.max(wanted.saturating_add(budget.min_free_bytes));
                     log::warn!(
-                        "device allocation failed ({}); retrying with layer {} streamed",
+                        "device allocation failed ({}); planning again for {} of device memory",
                         err.message,
-                        dropped
+                        crate::units::format_bytes(target)
                     );
-                    plan.streamed_layers.push(dropped);
-                    plan.streamed_layers.sort_unstable();
-                    if plan.slot_count == 0 {
-                        plan.slot_count = workload.prefetch_depth.saturating_add(1);
-                    }
-                    plan.mode = planner::Mode::Streaming;
+                    budget.free_bytes = free.min(budget.free_bytes.saturating_sub(1));
                 }
                 Err(err) => return Err(err),
             }
         }
-        self.plan = Some(plan);
-        Ok(self.plan.as_ref().expect("just set"))
     }
 
     /// Copies streamed layers' data into engine-owned staging memory (pinned where the device

@@ -244,6 +244,17 @@ fn device_allocation_failure_retries_with_fewer_resident_layers() {
     faults::disarm_all();
     let run = run.unwrap();
     assert_eq!(run.output, reference);
+    // The plan returned is the one carried out, re-made for less memory.
+    assert!(
+        run.plan.message.starts_with(run.plan.mode.as_str()),
+        "{}",
+        run.plan.message
+    );
+    assert!(run.plan.slot_bytes > 0 || run.plan.mode == Mode::Full);
+    assert_eq!(
+        run.plan.resident_layers.len() + run.plan.streamed_layers.len(),
+        run.stats.layers.len() - 1
+    );
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //!
 //! Checks, per call: it returns a status in 0..=13; a failure leaves a non-empty
 //! last_error(); an out-parameter is left alone on failure; no panic happens (libFuzzer's
-//! panic hook aborts even on panics the library would catch, so ERR_INTERNAL cannot hide one).
+//! panic hook aborts even on panics the library would catch, so ERR_INTERNAL cannot hide one);
+//! a plan handle's summary agrees with its mode and message.
 //! Per input, after freeing whatever is still alive: no handle the input saw is live any more,
 //! and every model tensor points at its host memory again with its weights unchanged.
 //!
@@ -391,6 +392,7 @@ fn plan_params(input: &mut Input) -> (PlanParams, Option<CString>) {
         p.steps = input.count();
         p.passes_per_step = input.count();
         p.prefetch_depth = input.count();
+        p.passes_per_step = input::steer_run_passes(p.steps, p.passes_per_step);
     }
     if input.bool() {
         p.link_gbps = input.float();

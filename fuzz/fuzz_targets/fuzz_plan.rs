@@ -127,12 +127,14 @@ fn decode_budget(input: &mut Input) -> Budget {
 }
 
 fn decode_workload(input: &mut Input) -> Workload {
-    Workload {
+    let mut workload = Workload {
         steps: input.count(),
         passes_per_step: input.count(),
         prefetch_depth: input.count(),
         activation_bytes_per_layer: input.size(),
-    }
+    };
+    workload.passes_per_step = input::steer_run_passes(workload.steps, workload.passes_per_step);
+    workload
 }
 
 const LINK_NAMES: [&str; 6] = ["pcie4-x16", "PCIE3_X16", "usb2", "nvme", "unified", "bogus"];

@@ -68,11 +68,13 @@ pub fn static_traffic(model: &ModelCost, workload: &Workload, resident: &[bool])
         t.bytes_moved = t
             .bytes_moved
             .saturating_add(u64::try_from(run).unwrap_or(u64::MAX));
-        t.loads += if resident.get(i).copied().unwrap_or(false) {
-            1
-        } else {
-            passes
-        };
+        t.loads = t
+            .loads
+            .saturating_add(if resident.get(i).copied().unwrap_or(false) {
+                1
+            } else {
+                passes
+            });
     }
     t
 }
