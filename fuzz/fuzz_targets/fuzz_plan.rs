@@ -133,7 +133,6 @@ fn decode_workload(input: &mut Input) -> Workload {
         prefetch_depth: input.count(),
         activation_bytes_per_layer: input.size(),
     };
-    workload.passes_per_step = input::steer_run_passes(workload.steps, workload.passes_per_step);
     workload
 }
 

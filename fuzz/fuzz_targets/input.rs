@@ -5,26 +5,6 @@
 //! byte that favours edge values (0, 1, powers of two, u64::MAX, NaN, infinities), which plain
 //! random bytes would almost never hit.
 
-/// False when FUZZ_KNOWN_BUGS=1: the targets then stop steering around the open bugs listed
-/// in docs/FUZZING.md, to check a fix. Each steer is marked `KNOWN BUG` where it is used.
-pub fn avoid_known_bugs() -> bool {
-    static AVOID: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVOID.get_or_init(|| std::env::var_os("FUZZ_KNOWN_BUGS").is_none_or(|v| v != "1"))
-}
-
-/// KNOWN BUG (docs/FUZZING.md): `static_traffic` (rust/planner/schedule.rs) adds
-/// `steps * passes_per_step` loads per streamed layer without saturating, so a run of
-/// u32::MAX x u32::MAX passes overflows with two streamed layers. While the bug stands the
-/// passes of a run are kept below 2^57, so that 64 layers' loads fit in u64.
-pub fn steer_run_passes(steps: u32, passes_per_step: u32) -> u32 {
-    let limit = 1u64 << 57;
-    if avoid_known_bugs() && u64::from(steps) * u64::from(passes_per_step) > limit {
-        (limit / u64::from(steps)) as u32
-    } else {
-        passes_per_step
-    }
-}
-
 pub struct Input<'a> {
     data: &'a [u8],
 }
