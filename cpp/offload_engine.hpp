@@ -113,6 +113,14 @@ public:
         if (int s = offload_engine_registry_add_gguf(get(), path.c_str(), &n)) return detail::error_from(s);
         return n;
     }
+    // Reads a GGUF file into tensors the registry owns: into host memory, or (file_backed)
+    // without data, streamed from the file.
+    Result<size_t> load_gguf(const std::string &path, bool file_backed = false) {
+        size_t n = 0;
+        if (int s = offload_engine_registry_load_gguf(get(), path.c_str(), file_backed ? 1 : 0, &n))
+            return detail::error_from(s);
+        return n;
+    }
     Result<size_t> layer_count() {
         size_t n = 0;
         if (int s = offload_engine_registry_layer_count(get(), &n)) return detail::error_from(s);
@@ -253,6 +261,10 @@ public:
     Status_ write_trace(const std::string &path) {
         return detail::check(offload_engine_engine_trace_write(get(), path.c_str()));
     }
+    // Changes a weight at run time (see offload_engine_engine_tensor_set).
+    Status_ tensor_set(const std::string &name, const void *data, uint64_t offset, uint64_t size) {
+        return detail::check(offload_engine_engine_tensor_set(get(), name.c_str(), data, offset, size));
+    }
     Result<offload_engine_stats> stats() {
         offload_engine_stats s{};
         s.size = sizeof s;
@@ -290,6 +302,156 @@ public:
 private:
     explicit Engine(offload_engine_engine *raw) : handle_(raw) {}
     std::unique_ptr<offload_engine_engine, detail::Deleter<offload_engine_engine, offload_engine_engine_free>> handle_;
+};
+
+enum class OffloadMode : int {
+    none = OFFLOAD_ENGINE_OFFLOAD_NONE,
+    cond_only = OFFLOAD_ENGINE_OFFLOAD_COND_ONLY,
+    cond_diffusion = OFFLOAD_ENGINE_OFFLOAD_COND_DIFFUSION,
+    aggressive = OFFLOAD_ENGINE_OFFLOAD_AGGRESSIVE,
+    layer_streaming = OFFLOAD_ENGINE_OFFLOAD_LAYER_STREAMING,
+};
+
+// "none", "cond_only", "cond_diffusion", "aggressive", "layer_streaming" (the CLI spelling).
+inline bool parse_offload_mode(std::string_view text, OffloadMode &mode) {
+    static const std::pair<std::string_view, OffloadMode> names[] = {
+        {"none", OffloadMode::none},
+        {"cond_only", OffloadMode::cond_only},
+        {"cond_diffusion", OffloadMode::cond_diffusion},
+        {"aggressive", OffloadMode::aggressive},
+        {"layer_streaming", OffloadMode::layer_streaming},
+    };
+    for (const auto &[name, value] : names) {
+        if (name == text) {
+            mode = value;
+            return true;
+        }
+    }
+    return false;
+}
+
+enum class Role : int {
+    conditioner = OFFLOAD_ENGINE_ROLE_CONDITIONER,
+    diffusion = OFFLOAD_ENGINE_ROLE_DIFFUSION,
+    decoder = OFFLOAD_ENGINE_ROLE_DECODER,
+    adapter = OFFLOAD_ENGINE_ROLE_ADAPTER,
+    control = OFFLOAD_ENGINE_ROLE_CONTROL,
+    other = OFFLOAD_ENGINE_ROLE_OTHER,
+};
+
+enum class Override : int {
+    automatic = OFFLOAD_ENGINE_PLACE_AUTO,
+    keep = OFFLOAD_ENGINE_PLACE_KEEP,
+    offload = OFFLOAD_ENGINE_PLACE_OFFLOAD,
+};
+
+struct PipelineOptions {
+    OffloadMode mode = OffloadMode::none;
+    uint64_t budget_bytes = 0;            // 0: the device's free memory at each run
+    uint64_t min_free_bytes = 512ull << 20;  // --streaming-min-vram
+    uint64_t margin_bytes = 300ull << 20;
+    uint32_t prefetch_depth = 1;
+    uint32_t steps = 1;
+    uint32_t passes_per_step = 1;
+    bool reload_diffusion = true;
+    bool log_moves = false;
+};
+
+struct ComponentInfo {
+    std::string name;
+    Role role = Role::other;
+    offload_engine_placement placement = OFFLOAD_ENGINE_PLACEMENT_OFF;
+    uint64_t device_bytes = 0;
+    uint64_t resident_bytes = 0;
+    uint64_t stage_need_bytes = 0;
+    uint64_t loads = 0;
+    uint64_t unloads = 0;
+    uint64_t streamed_layers = 0;
+};
+
+// Components (engines) placed on and off one device between the stages of a job.
+class Pipeline {
+public:
+    static Result<Pipeline> create(const PipelineOptions &o = {}) {
+        offload_engine_pipeline_params p;
+        offload_engine_pipeline_params_init(&p);
+        p.offload_mode = static_cast<int>(o.mode);
+        p.budget_bytes = o.budget_bytes;
+        p.min_free_bytes = o.min_free_bytes;
+        p.margin_bytes = o.margin_bytes;
+        p.prefetch_depth = o.prefetch_depth;
+        p.steps = o.steps;
+        p.passes_per_step = o.passes_per_step;
+        p.reload_diffusion = o.reload_diffusion ? 1 : 0;
+        p.log_moves = o.log_moves ? 1 : 0;
+        offload_engine_pipeline *raw = nullptr;
+        if (int s = offload_engine_pipeline_new(&p, &raw)) return detail::error_from(s);
+        return Pipeline(raw);
+    }
+
+    // Components in stage order; the pipeline shares the engine (the Engine may go first).
+    Status_ add(const std::string &name, Role role, Engine &engine) {
+        return detail::check(offload_engine_pipeline_add(get(), name.c_str(), static_cast<int>(role), engine.get()));
+    }
+    Status_ set_override(const std::string &name, Override o) {
+        return detail::check(offload_engine_pipeline_set_override(get(), name.c_str(), static_cast<int>(o)));
+    }
+    Status_ set_stage_need(const std::string &name, uint64_t bytes) {
+        return detail::check(offload_engine_pipeline_set_stage_need(get(), name.c_str(), bytes));
+    }
+    Status_ run_begin() { return detail::check(offload_engine_pipeline_run_begin(get())); }
+    Status_ run_end() { return detail::check(offload_engine_pipeline_run_end(get())); }
+    Status_ stage_begin(const std::string &name) {
+        return detail::check(offload_engine_pipeline_stage_begin(get(), name.c_str()));
+    }
+    Status_ stage_end(const std::string &name) {
+        return detail::check(offload_engine_pipeline_stage_end(get(), name.c_str()));
+    }
+    Result<ComponentInfo> component(const std::string &name) {
+        offload_engine_component_info c{};
+        c.size = sizeof c;
+        if (int s = offload_engine_pipeline_component_info(get(), name.c_str(), &c)) return detail::error_from(s);
+        return ComponentInfo{c.name, static_cast<Role>(c.role), static_cast<offload_engine_placement>(c.placement),
+                             c.device_bytes, c.resident_bytes, c.stage_need_bytes, c.loads, c.unloads,
+                             c.streamed_layers};
+    }
+    Result<offload_engine_pipeline_stats> stats() {
+        offload_engine_pipeline_stats s{};
+        s.size = sizeof s;
+        if (int st = offload_engine_pipeline_get_stats(get(), &s)) return detail::error_from(st);
+        return s;
+    }
+
+    // Brackets one stage: stage_begin now, stage_end when the guard goes out of scope (call
+    // end() to see its status).
+    class Stage {
+    public:
+        Stage(Pipeline &p, std::string name) : pipeline_(&p), name_(std::move(name)) {}
+        Stage(Stage &&o) noexcept : pipeline_(std::exchange(o.pipeline_, nullptr)), name_(std::move(o.name_)) {}
+        Stage(const Stage &) = delete;
+        Stage &operator=(const Stage &) = delete;
+        Stage &operator=(Stage &&) = delete;
+        ~Stage() { (void)end(); }
+        Status_ end() {
+            if (!pipeline_) return Unit{};
+            auto *p = std::exchange(pipeline_, nullptr);
+            return p->stage_end(name_);
+        }
+
+    private:
+        Pipeline *pipeline_;
+        std::string name_;
+    };
+    Result<Stage> stage(const std::string &name) {
+        if (auto s = stage_begin(name); !s) return s.error();
+        return Stage(*this, name);
+    }
+
+    offload_engine_pipeline *get() const { return handle_.get(); }
+
+private:
+    explicit Pipeline(offload_engine_pipeline *raw) : handle_(raw) {}
+    std::unique_ptr<offload_engine_pipeline, detail::Deleter<offload_engine_pipeline, offload_engine_pipeline_free>> handle_;
 };
 
 }  // namespace offload_engine

@@ -169,6 +169,13 @@ int offload_engine_registry_add_file_backed(offload_engine_registry *registry, s
  * positive sizes. */
 int offload_engine_registry_add_descriptor(offload_engine_registry *registry, const char *name, int ggml_type, int n_dims, const int64_t *ne, uint64_t *id_out);
 
+/* Reads a GGUF file's tensors into ggml tensors the registry owns (engines created from it
+ * share them), for hosts and tools without their own loader (Python experiments, the CLI).
+ * file_backed 0: the weights are read into host memory now; non-zero: the tensors get no
+ * data and stream from the file (the disk tier). The file is validated first; a damaged
+ * file is ERR_CORRUPT_FILE and registers nothing. */
+int offload_engine_registry_load_gguf(offload_engine_registry *registry, const char *path, int file_backed, size_t *count_out);
+
 int offload_engine_registry_tensor_count(offload_engine_registry *registry, size_t *count_out);
 int offload_engine_registry_layer_count(offload_engine_registry *registry, size_t *count_out);
 int offload_engine_registry_global_bytes(offload_engine_registry *registry, uint64_t *bytes_out);
@@ -342,6 +349,13 @@ int offload_engine_engine_stats_reset(offload_engine_engine *engine);
 /* Writes the recorded timeline as Chrome trace-event JSON (needs params.trace). */
 int offload_engine_engine_trace_write(offload_engine_engine *engine, const char *path);
 
+/* Changes a registered weight at run time (a LoRA merged into it, a fine-tune patch): writes
+ * `size` bytes at byte `offset` of tensor `name` to its host memory, the engine's staging
+ * copy and, when the layer is resident, its device copy; a streamed layer carries the new
+ * data from its next copy on. Not while a pass is open (ERR_INVALID_STATE). A tensor whose
+ * home is the model file (the disk tier) cannot change: ERR_UNSUPPORTED, nothing written. */
+int offload_engine_engine_tensor_set(offload_engine_engine *engine, const char *name, const void *data, uint64_t offset, uint64_t size);
+
 /* ---------------------------------------------------------------------------------------
  * The three-stage executor: for hosts that split a forward into an input stage, one stage
  * per layer and an output stage. The engine runs the stages on its backend, keeps the
@@ -373,6 +387,120 @@ typedef struct offload_engine_staged_model {
  * callback is ERR_INVALID_ARGUMENT, never a ggml abort; on error the pass is abandoned and
  * the engine stays usable. */
 int offload_engine_engine_run_pass(offload_engine_engine *engine, const offload_engine_staged_model *model, void *output, size_t output_capacity, size_t *output_size_out);
+
+
+/* ---------------------------------------------------------------------------------------
+ * Pipelines: whole components (text encoder, diffusion model, decoder, ...) placed on and
+ * off one device between the stages of a job.
+ *
+ * Each component is an engine (its own registry). The host brackets a job with run_begin /
+ * run_end and each stage with stage_begin / stage_end; between them it runs the component's
+ * passes on that engine as usual (pass/layer calls or run_pass). stage_begin puts the
+ * component on the device, first moving components the mode lets leave, and only when the
+ * stage would not fit otherwise (its weights plus its declared need plus the margin): a
+ * device with room keeps everything and pays nothing. After stage_begin, the next
+ * component in stage order is placed ahead of its stage when it fits beside the running
+ * one; otherwise stage_end places it, so its copies (resident layers, first streamed slots)
+ * overlap what the host does between stages.
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct offload_engine_pipeline offload_engine_pipeline;
+
+typedef enum offload_engine_offload_mode {
+    OFFLOAD_ENGINE_OFFLOAD_NONE = 0,           /* components stay once placed (default) */
+    OFFLOAD_ENGINE_OFFLOAD_COND_ONLY = 1,      /* the conditioner may leave after its stage */
+    OFFLOAD_ENGINE_OFFLOAD_COND_DIFFUSION = 2, /* conditioner and diffusion model may leave after theirs */
+    OFFLOAD_ENGINE_OFFLOAD_AGGRESSIVE = 3,     /* every component leaves as soon as its stage ends */
+    OFFLOAD_ENGINE_OFFLOAD_LAYER_STREAMING = 4 /* as cond_diffusion; the diffusion model streams layer by layer when it does not fit */
+} offload_engine_offload_mode;
+
+typedef enum offload_engine_component_role {
+    OFFLOAD_ENGINE_ROLE_CONDITIONER = 0, /* text encoder(s) */
+    OFFLOAD_ENGINE_ROLE_DIFFUSION = 1,   /* the denoiser (DiT, UNet) */
+    OFFLOAD_ENGINE_ROLE_DECODER = 2,     /* VAE */
+    OFFLOAD_ENGINE_ROLE_ADAPTER = 3,     /* LoRA weights */
+    OFFLOAD_ENGINE_ROLE_CONTROL = 4,     /* ControlNet and the like */
+    OFFLOAD_ENGINE_ROLE_OTHER = 5
+} offload_engine_component_role;
+
+typedef enum offload_engine_placement_override {
+    OFFLOAD_ENGINE_PLACE_AUTO = 0,   /* as the mode says */
+    OFFLOAD_ENGINE_PLACE_KEEP = 1,   /* never leaves the device */
+    OFFLOAD_ENGINE_PLACE_OFFLOAD = 2 /* leaves as soon as its stage ends */
+} offload_engine_placement_override;
+
+typedef enum offload_engine_placement {
+    OFFLOAD_ENGINE_PLACEMENT_OFF = 0,      /* weights in host memory (or the model file) */
+    OFFLOAD_ENGINE_PLACEMENT_RESIDENT = 1, /* every layer on the device */
+    OFFLOAD_ENGINE_PLACEMENT_STREAMING = 2 /* some layers stream through slots */
+} offload_engine_placement;
+
+typedef struct offload_engine_pipeline_params {
+    size_t size;
+    int offload_mode;         /* offload_engine_offload_mode */
+    uint64_t budget_bytes;    /* device memory for all components; 0: the device's free memory, measured again at each run_begin */
+    uint64_t min_free_bytes;  /* left free on the device (--streaming-min-vram; default 512 MiB) */
+    uint64_t margin_bytes;    /* a stage's need is met with this much to spare (default 300 MiB) */
+    uint32_t prefetch_depth;  /* layers copied ahead in a streamed component (default 1) */
+    uint32_t steps;           /* the diffusion stage's passes are steps * passes_per_step; */
+    uint32_t passes_per_step; /*   they size its streaming plan (default 1 and 1) */
+    int reload_diffusion;     /* run_end puts an evicted diffusion model back when it fits (default 1) */
+    int log_moves;            /* log every move with bytes and time at info level (default 0) */
+} offload_engine_pipeline_params;
+
+typedef struct offload_engine_component_info {
+    size_t size;          /* set to sizeof(offload_engine_component_info) before the call */
+    const char *name;     /* valid until the next call on the pipeline */
+    int role;             /* offload_engine_component_role */
+    int placement;        /* offload_engine_placement */
+    uint64_t device_bytes;   /* held on the device now */
+    uint64_t resident_bytes; /* what a fully resident placement takes */
+    uint64_t stage_need_bytes;
+    uint64_t loads;          /* placements since the pipeline was created */
+    uint64_t unloads;
+    uint64_t streamed_layers; /* 0 unless placement is STREAMING */
+} offload_engine_component_info;
+
+typedef struct offload_engine_pipeline_stats {
+    size_t size;             /* set to sizeof(offload_engine_pipeline_stats) before the call */
+    uint64_t budget_bytes;   /* the budget of the current (or last) run */
+    uint64_t loads;
+    uint64_t unloads;
+    uint64_t bytes_loaded;
+    uint64_t load_us;
+    uint64_t unload_us;
+    uint64_t prefetched_loads; /* placements made ahead of their stage */
+    uint64_t device_bytes;     /* held by all components now */
+    uint64_t peak_device_bytes; /* weights plus the running stage's need, highest seen */
+} offload_engine_pipeline_stats;
+
+void offload_engine_pipeline_params_init(offload_engine_pipeline_params *params);
+int offload_engine_pipeline_new(const offload_engine_pipeline_params *params, offload_engine_pipeline **pipeline_out);
+/* Puts every component back in host memory; the engines live on while the host holds them. */
+void offload_engine_pipeline_free(offload_engine_pipeline *pipeline);
+
+/* Adds `engine` as component `name` (unique, copied). Add components in the order their
+ * stages run. The pipeline shares ownership of the engine (either may be freed first) and
+ * plans it from now on: do not call engine_prepare on it. All components must be on one
+ * device. Not while a run is open. */
+int offload_engine_pipeline_add(offload_engine_pipeline *pipeline, const char *name, int role, offload_engine_engine *engine);
+/* offload_engine_placement_override for one component. */
+int offload_engine_pipeline_set_override(offload_engine_pipeline *pipeline, const char *name, int override_);
+/* Device memory the component's stage needs besides its weights (compute buffers, e.g. from
+ * offload_engine_engine_measure_graph). Default 0. */
+int offload_engine_pipeline_set_stage_need(offload_engine_pipeline *pipeline, const char *name, uint64_t bytes);
+
+/* A job. run_begin measures free device memory again (budget_bytes 0). run_end applies the
+ * reload policy. A failed placement (the stage cannot fit, a device allocation or a reload
+ * fails) is an error of the call that needed it, and the pipeline stays usable. */
+int offload_engine_pipeline_run_begin(offload_engine_pipeline *pipeline);
+int offload_engine_pipeline_run_end(offload_engine_pipeline *pipeline);
+/* One stage at a time. stage_begin returns when the component is usable on the device. */
+int offload_engine_pipeline_stage_begin(offload_engine_pipeline *pipeline, const char *name);
+int offload_engine_pipeline_stage_end(offload_engine_pipeline *pipeline, const char *name);
+
+int offload_engine_pipeline_component_info(offload_engine_pipeline *pipeline, const char *name, offload_engine_component_info *info_out);
+int offload_engine_pipeline_get_stats(offload_engine_pipeline *pipeline, offload_engine_pipeline_stats *stats_out);
 
 #ifdef __cplusplus
 }

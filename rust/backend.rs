@@ -29,6 +29,40 @@ fn c_str(ptr: *const std::os::raw::c_char) -> String {
         .into_owned()
 }
 
+/// An owned ggml context (tensor metadata, and their data unless `no_alloc`).
+pub struct Context(NonNull<sys::ggml_context>);
+
+impl Context {
+    pub fn new(bytes: usize, no_alloc: bool) -> Result<Context> {
+        let params = sys::ggml_init_params {
+            mem_size: bytes,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc,
+        };
+        // SAFETY: ggml allocates the context's memory itself; NULL on failure.
+        NonNull::new(unsafe { sys::ggml_init(params) })
+            .map(Context)
+            .ok_or_else(|| Error::new(Status::OutOfMemory, "cannot create a ggml context"))
+    }
+
+    pub fn raw(&self) -> *mut sys::ggml_context {
+        self.0.as_ptr()
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: we own the context; whoever used its tensors is gone before the owner drops.
+        unsafe { sys::ggml_free(self.raw()) };
+    }
+}
+
+// SAFETY: a ggml context is plain memory owned by this value; ggml keeps no thread affinity.
+unsafe impl Send for Context {}
+// SAFETY: shared references only hand out the raw pointer; mutation goes through ggml calls
+// that the owner serialises.
+unsafe impl Sync for Context {}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceKind {

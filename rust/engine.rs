@@ -69,6 +69,13 @@ pub struct Engine {
     pass_started: Option<Instant>,
 }
 
+// SAFETY: the engine's raw pointers are the host's registered tensors and ggml objects it
+// owns (backend, buffers, contexts). None is tied to the thread that created it, and every
+// use goes through `&mut Engine`, so moving the engine to another thread (a pipeline placing
+// the next component in the background) cannot race: the host's side of the contract is not
+// to touch a component's tensors while the pipeline places it.
+unsafe impl Send for Engine {}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -148,6 +155,107 @@ impl Engine {
     /// Sets the device memory the engine may use (instead of measuring free memory).
     pub fn set_budget(&mut self, bytes: u64) {
         self.params.budget_bytes = Some(bytes);
+    }
+
+    /// Device bytes a fully resident placement takes: the global group and every layer at
+    /// the arena's alignment, plus the slack a file-backed arena keeps for direct-I/O alignment:
+    /// exactly the arena `prepare` allocates when everything fits.
+    pub fn resident_bytes(&mut self) -> Result<u64> {
+        let (images, global) = self.layer_images()?;
+        let aligned = |bytes: u64| crate::stream::align_up(bytes, IMAGE_ALIGNMENT);
+        let io_slack = if images.iter().any(|i| i.file_span.is_some()) {
+            crate::diskio::DIRECT_ALIGNMENT - 1
+        } else {
+            0
+        };
+        let places = images.iter().map(|i| aligned(i.image_bytes)).sum::<u64>()
+            + aligned(global.image_bytes);
+        Ok(places.max(IMAGE_ALIGNMENT) + io_slack)
+    }
+
+    /// Device bytes the engine holds now (its arena), 0 when it is not placed.
+    pub fn device_bytes(&self) -> u64 {
+        self.streamer.as_ref().map_or(0, Streamer::arena_bytes)
+    }
+
+    /// Takes the engine off the device: in-flight copies finish, every tensor points at its
+    /// host home again and the arena is freed. The figures measured so far are kept for the
+    /// next `prepare`. Returns the device bytes freed.
+    pub fn release(&mut self) -> Result<u64> {
+        let Some(streamer) = &self.streamer else {
+            return Ok(0);
+        };
+        if streamer.in_pass() {
+            return Err(Error::state(
+                "cannot take the engine off the device while a pass is open (end it first)",
+            ));
+        }
+        self.measured = Measured::from_stats(&streamer.stats()).or(self.measured.take());
+        let freed = streamer.arena_bytes();
+        self.streamer = None;
+        self.plan = None;
+        for layer in 0..self.registry.layer_count() {
+            let ids = self.registry.layer(layer)?.tensors.clone();
+            let from_file = ids.iter().any(|&id| {
+                self.registry
+                    .tensor(id)
+                    .is_ok_and(|t| matches!(t.source, Source::GgmlFile { .. }))
+            });
+            let location = if from_file {
+                Location::File
+            } else {
+                Location::Host
+            };
+            self.registry.set_layer_location(layer, location)?;
+        }
+        Ok(freed)
+    }
+
+    /// Writes `data` at byte `offset` of tensor `name` everywhere the engine keeps it: the
+    /// host home, the staging copy and the device copy of a resident layer. Streamed layers
+    /// carry it from their next copy on (prefetched copies are dropped first).
+    pub fn update_tensor(&mut self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+        let id = self.registry.find(name)?;
+        let entry = self.registry.tensor(id)?;
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|end| end > entry.bytes) {
+            return Err(Error::invalid(format!(
+                "tensor '{name}' has {} bytes; cannot write {} at offset {offset}",
+                entry.bytes,
+                data.len()
+            )));
+        }
+        let tensor = match entry.source {
+            Source::Ggml(tensor) => tensor,
+            Source::GgmlFile { .. } => {
+                return Err(Error::new(
+                    Status::Unsupported,
+                    format!(
+                        "tensor '{name}' streams from the model file, which the engine never \
+                         writes; load it into host memory to change it at run time"
+                    ),
+                ))
+            }
+            _ => {
+                return Err(Error::new(
+                    Status::Unsupported,
+                    format!("tensor '{name}' is a descriptor only; it has no data to change"),
+                ))
+            }
+        };
+        match self.streamer.as_mut() {
+            Some(streamer) => streamer.update_tensor(tensor, offset, data),
+            None => {
+                // Off the device: the tensor points at its home.
+                // SAFETY: a registered host tensor with `bytes` bytes of host data (checked at
+                // registration); the range was checked above.
+                unsafe {
+                    let dst = ((*tensor).data as *mut u8).add(offset as usize);
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Declares device memory the host needs besides the weights (compute buffer, KV cache).

@@ -4,7 +4,7 @@
 
 use std::ptr::NonNull;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Context};
 use crate::engine::Engine;
 use crate::error::{Error, Result, Status};
 use crate::ggml as sys;
@@ -48,32 +48,6 @@ pub trait LayeredModel {
     ) -> *mut sys::ggml_tensor;
 }
 
-struct Context(NonNull<sys::ggml_context>);
-
-impl Context {
-    fn new(bytes: usize) -> Result<Context> {
-        let params = sys::ggml_init_params {
-            mem_size: bytes,
-            mem_buffer: std::ptr::null_mut(),
-            no_alloc: true,
-        };
-        // SAFETY: metadata-only context; NULL on failure.
-        NonNull::new(unsafe { sys::ggml_init(params) })
-            .map(Context)
-            .ok_or_else(|| Error::new(Status::OutOfMemory, "cannot create a ggml context"))
-    }
-    fn raw(&self) -> *mut sys::ggml_context {
-        self.0.as_ptr()
-    }
-}
-
-impl Drop for Context {
-    fn drop(&mut self) {
-        // SAFETY: we own the context.
-        unsafe { sys::ggml_free(self.raw()) };
-    }
-}
-
 const GRAPH_NODES: usize = 16384;
 
 /// Runs passes of a `LayeredModel` on one backend, with or without an engine.
@@ -100,7 +74,7 @@ impl Executor {
         let allocator = NonNull::new(unsafe { sys::ggml_gallocr_new(buft) })
             .ok_or_else(|| Error::new(Status::OutOfMemory, "cannot create a graph allocator"))?;
         // SAFETY: ggml_tensor_overhead has no preconditions.
-        let act_ctx = Context::new(4 * unsafe { sys::ggml_tensor_overhead() })?;
+        let act_ctx = Context::new(4 * unsafe { sys::ggml_tensor_overhead() }, true)?;
         let mut activations = [std::ptr::null_mut(); 2];
         for a in &mut activations {
             // SAFETY: valid context with room for the two tensors.
@@ -170,7 +144,7 @@ impl Executor {
             sys::ggml_tensor_overhead() * GRAPH_NODES
                 + sys::ggml_graph_overhead_custom(GRAPH_NODES, false)
         };
-        Context::new(bytes)
+        Context::new(bytes, true)
     }
 
     /// One forward pass. With an engine, each layer is bracketed by begin/end so streamed

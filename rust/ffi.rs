@@ -36,14 +36,6 @@ fn set_last_error(message: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = text);
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
 /// The one panic boundary every export goes through.
 fn boundary(body: impl FnOnce() -> Result<()>) -> c_int {
     crate::log::init();
@@ -55,7 +47,10 @@ fn boundary(body: impl FnOnce() -> Result<()>) -> c_int {
             err.status as c_int
         }
         Err(panic) => {
-            let message = format!("internal error (panic): {}", panic_message(&*panic));
+            let message = format!(
+                "internal error (panic): {}",
+                crate::error::panic_text(&*panic)
+            );
             log::error!("{message}");
             set_last_error(&message);
             Status::Internal as c_int
@@ -76,6 +71,7 @@ enum Kind {
     Registry,
     Engine,
     Plan,
+    Pipeline,
 }
 
 static LIVE: Lazy<Mutex<HashSet<(usize, Kind)>>> = Lazy::new(Mutex::default);
@@ -154,6 +150,52 @@ fn check_size(size: usize, expected: usize, what: &str) -> Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// C structs that start with their caller's `size` (see the header's conventions).
+trait Sized_ {
+    fn declared_size(&self) -> usize;
+}
+
+macro_rules! sized_structs {
+    ($($t:ty),* $(,)?) => {
+        $(impl Sized_ for $t {
+            fn declared_size(&self) -> usize {
+                self.size
+            }
+        })*
+    };
+}
+
+sized_structs!(
+    RegistryParams,
+    TensorInfo,
+    LayerInfo,
+    PlanParams,
+    PlanSummary,
+    EngineParamsC,
+    StatsC,
+    LayerStatsC,
+    StagedModelC,
+    PipelineParamsC,
+    ComponentInfoC,
+    PipelineStatsC,
+);
+
+/// A caller's input struct: not NULL, and at least as large as ours.
+fn input<'a, T: Sized_>(ptr: *const T, what: &str) -> Result<&'a T> {
+    // SAFETY: a non-null pointer points to a struct the caller initialised (header rule).
+    let value = unsafe { ptr.as_ref() }
+        .ok_or_else(|| Error::new(Status::NullPointer, format!("{what} is NULL")))?;
+    check_size(value.declared_size(), std::mem::size_of::<T>(), what)?;
+    Ok(value)
+}
+
+/// A caller's result struct: not NULL, with `size` set to at least ours.
+fn result_slot<'a, T: Sized_>(ptr: *mut T, what: &str) -> Result<&'a mut T> {
+    let slot = out(ptr, what)?;
+    check_size(slot.declared_size(), std::mem::size_of::<T>(), what)?;
+    Ok(slot)
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
@@ -320,14 +362,7 @@ pub extern "C" fn offload_engine_registry_new(
     registry_out: *mut *mut RegistryHandle,
 ) -> c_int {
     boundary(|| {
-        // SAFETY: a non-null params pointer points to a struct the caller initialised.
-        let params = unsafe { params.as_ref() }
-            .ok_or_else(|| Error::new(Status::NullPointer, "params is NULL"))?;
-        check_size(
-            params.size,
-            std::mem::size_of::<RegistryParams>(),
-            "registry params",
-        )?;
+        let params = input(params, "registry params")?;
         let slot = out(registry_out, "registry_out")?;
         let pattern = optional_text(params.pattern, "pattern")?
             .map(Registry::pattern_from_arg)
@@ -406,6 +441,24 @@ pub extern "C" fn offload_engine_registry_add_gguf(
         let mut state = registry(handle)?;
         let path = PathBuf::from(text(path, "path")?);
         let count = state.registry.add_gguf(&path)?;
+        if let Some(slot) = unsafe_out(count_out) {
+            *slot = count;
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_registry_load_gguf(
+    handle: *mut RegistryHandle,
+    path: *const c_char,
+    file_backed: c_int,
+    count_out: *mut usize,
+) -> c_int {
+    boundary(|| {
+        let mut state = registry(handle)?;
+        let path = PathBuf::from(text(path, "path")?);
+        let count = state.registry.load_gguf(&path, file_backed != 0)?;
         if let Some(slot) = unsafe_out(count_out) {
             *slot = count;
         }
@@ -538,8 +591,7 @@ pub extern "C" fn offload_engine_registry_tensor_info(
 ) -> c_int {
     boundary(|| {
         let mut state = registry(handle)?;
-        let slot = out(info_out, "info_out")?;
-        check_size(slot.size, std::mem::size_of::<TensorInfo>(), "tensor info")?;
+        let slot = result_slot(info_out, "tensor info")?;
         let id = TensorId(id);
         let layer = state.registry.layer_of(id)?.map(|l| l as i64).unwrap_or(-1);
         let entry = state.registry.tensor(id)?.clone();
@@ -572,8 +624,7 @@ pub extern "C" fn offload_engine_registry_layer_info(
 ) -> c_int {
     boundary(|| {
         let mut state = registry(handle)?;
-        let slot = out(info_out, "info_out")?;
-        check_size(slot.size, std::mem::size_of::<LayerInfo>(), "layer info")?;
+        let slot = result_slot(info_out, "layer info")?;
         let l = state
             .registry
             .layer(usize::try_from(layer).unwrap_or(usize::MAX))?
@@ -674,10 +725,7 @@ pub struct PlanHandle {
 }
 
 fn plan_inputs(params: *const PlanParams) -> Result<(Budget, Workload, Link)> {
-    // SAFETY: a non-null params pointer points to a struct the caller initialised.
-    let p = unsafe { params.as_ref() }
-        .ok_or_else(|| Error::new(Status::NullPointer, "params is NULL"))?;
-    check_size(p.size, std::mem::size_of::<PlanParams>(), "plan params")?;
+    let p = input(params, "plan params")?;
     let mut budget = Budget::from_free(p.free_bytes);
     budget.total_bytes = p.total_bytes.max(p.free_bytes);
     budget.min_free_bytes = p.min_free_bytes;
@@ -763,12 +811,7 @@ pub extern "C" fn offload_engine_plan_get_summary(
 ) -> c_int {
     boundary(|| {
         let h = checked(plan, Kind::Plan)?;
-        let slot = out(summary_out, "summary_out")?;
-        check_size(
-            slot.size,
-            std::mem::size_of::<PlanSummary>(),
-            "plan summary",
-        )?;
+        let slot = result_slot(summary_out, "plan summary")?;
         let p = &h.plan;
         *slot = PlanSummary {
             size: std::mem::size_of::<PlanSummary>(),
@@ -870,7 +913,8 @@ pub struct LayerStatsC {
 pub struct EngineHandle {
     /// Declared first: dropped before the engine whose backend it borrows.
     executor: Mutex<Option<(StagedShape, Executor)>>,
-    inner: Mutex<Engine>,
+    /// Shared with the pipelines the engine is a component of.
+    inner: crate::pipeline::SharedEngine,
 }
 
 type StagedShape = [i64; 2];
@@ -906,14 +950,7 @@ pub extern "C" fn offload_engine_engine_new(
     engine_out: *mut *mut EngineHandle,
 ) -> c_int {
     boundary(|| {
-        // SAFETY: a non-null params pointer points to a struct the caller initialised.
-        let p = unsafe { params.as_ref() }
-            .ok_or_else(|| Error::new(Status::NullPointer, "params is NULL"))?;
-        check_size(
-            p.size,
-            std::mem::size_of::<EngineParamsC>(),
-            "engine params",
-        )?;
+        let p = input(params, "engine params")?;
         let slot = out(engine_out, "engine_out")?;
         let source = registry(registry_handle)?;
         let params = EngineParams {
@@ -931,7 +968,7 @@ pub extern "C" fn offload_engine_engine_new(
         *slot = publish(
             EngineHandle {
                 executor: Mutex::new(None),
-                inner: Mutex::new(engine),
+                inner: std::sync::Arc::new(Mutex::new(engine)),
             },
             Kind::Engine,
         );
@@ -1015,8 +1052,7 @@ pub extern "C" fn offload_engine_engine_stats(
 ) -> c_int {
     boundary(|| {
         let e = engine(handle)?;
-        let slot = out(stats_out, "stats_out")?;
-        check_size(slot.size, std::mem::size_of::<StatsC>(), "stats")?;
+        let slot = result_slot(stats_out, "stats")?;
         let s = e.stats()?;
         *slot = StatsC {
             size: std::mem::size_of::<StatsC>(),
@@ -1043,8 +1079,7 @@ pub extern "C" fn offload_engine_engine_layer_stats(
 ) -> c_int {
     boundary(|| {
         let e = engine(handle)?;
-        let slot = out(stats_out, "stats_out")?;
-        check_size(slot.size, std::mem::size_of::<LayerStatsC>(), "layer stats")?;
+        let slot = result_slot(stats_out, "layer stats")?;
         let s = e.stats()?;
         let host_layers = s.layers.len().saturating_sub(1); // the last image is the global group
         let l = usize::try_from(layer)
@@ -1187,14 +1222,7 @@ pub extern "C" fn offload_engine_engine_run_pass(
         let h = checked(handle, Kind::Engine)?;
         let mut engine = lock(&h.inner)?;
         let mut cached = lock(&h.executor)?;
-        // SAFETY: a non-null model pointer points to a struct the caller filled.
-        let model = unsafe { model.as_ref() }
-            .ok_or_else(|| Error::new(Status::NullPointer, "model is NULL"))?;
-        check_size(
-            model.size,
-            std::mem::size_of::<StagedModelC>(),
-            "staged model",
-        )?;
+        let model = input(model, "staged model")?;
         let (Some(build_input), Some(build_layer), Some(build_output)) =
             (model.build_input, model.build_layer, model.build_output)
         else {
@@ -1276,6 +1304,264 @@ pub extern "C" fn offload_engine_engine_measure_graph(
         let slot = out(bytes_out, "bytes_out")?;
         // SAFETY: the header requires a valid graph built by the host.
         *slot = unsafe { e.measure_graph(graph)? };
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_engine_tensor_set(
+    handle: *mut EngineHandle,
+    name: *const c_char,
+    data: *const c_void,
+    offset: u64,
+    size: u64,
+) -> c_int {
+    boundary(|| {
+        let mut e = engine(handle)?;
+        let name = text(name, "name")?;
+        if data.is_null() && size > 0 {
+            return Err(Error::new(Status::NullPointer, "data is NULL"));
+        }
+        let len = usize::try_from(size).map_err(|_| Error::invalid("size too large"))?;
+        let bytes = if len == 0 {
+            &[][..]
+        } else {
+            // SAFETY: the caller provides `size` readable bytes at `data` (checked non-NULL).
+            unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) }
+        };
+        e.update_tensor(name, offset, bytes)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Pipelines
+// ---------------------------------------------------------------------------------------
+
+use crate::pipeline::{OffloadMode, Override, Pipeline, PipelineParams, Placement, Role};
+
+#[repr(C)]
+pub struct PipelineParamsC {
+    pub size: usize,
+    pub offload_mode: c_int,
+    pub budget_bytes: u64,
+    pub min_free_bytes: u64,
+    pub margin_bytes: u64,
+    pub prefetch_depth: u32,
+    pub steps: u32,
+    pub passes_per_step: u32,
+    pub reload_diffusion: c_int,
+    pub log_moves: c_int,
+}
+
+#[repr(C)]
+pub struct ComponentInfoC {
+    pub size: usize,
+    pub name: *const c_char,
+    pub role: c_int,
+    pub placement: c_int,
+    pub device_bytes: u64,
+    pub resident_bytes: u64,
+    pub stage_need_bytes: u64,
+    pub loads: u64,
+    pub unloads: u64,
+    pub streamed_layers: u64,
+}
+
+#[repr(C)]
+pub struct PipelineStatsC {
+    pub size: usize,
+    /// Laid out exactly as the header's fields after `size` (all u64).
+    pub stats: crate::pipeline::PipelineStats,
+}
+
+pub struct PipelineHandle {
+    inner: Mutex<PipelineState>,
+}
+
+struct PipelineState {
+    pipeline: Pipeline,
+    /// Backs the `name` of the last component_info.
+    last_name: CString,
+}
+
+fn pipeline<'a>(handle: *const PipelineHandle) -> Result<std::sync::MutexGuard<'a, PipelineState>> {
+    lock(&checked(handle, Kind::Pipeline)?.inner)
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_pipeline_params_init(params: *mut PipelineParamsC) {
+    boundary_void(|| {
+        if let Ok(p) = out(params, "params") {
+            let d = PipelineParams::default();
+            *p = PipelineParamsC {
+                size: std::mem::size_of::<PipelineParamsC>(),
+                offload_mode: 0,
+                budget_bytes: 0,
+                min_free_bytes: d.min_free_bytes,
+                margin_bytes: d.margin_bytes,
+                prefetch_depth: d.prefetch_depth,
+                steps: d.steps,
+                passes_per_step: d.passes_per_step,
+                reload_diffusion: c_int::from(d.reload_diffusion),
+                log_moves: 0,
+            };
+        }
+    });
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_pipeline_new(
+    params: *const PipelineParamsC,
+    pipeline_out: *mut *mut PipelineHandle,
+) -> c_int {
+    boundary(|| {
+        let p = input(params, "pipeline params")?;
+        let slot = out(pipeline_out, "pipeline_out")?;
+        let mode = OffloadMode::from_code(p.offload_mode).ok_or_else(|| {
+            Error::invalid(format!(
+                "offload mode {} is not one of 0..4",
+                p.offload_mode
+            ))
+        })?;
+        let pipeline = Pipeline::new(PipelineParams {
+            mode,
+            budget_bytes: (p.budget_bytes > 0).then_some(p.budget_bytes),
+            min_free_bytes: p.min_free_bytes,
+            margin_bytes: p.margin_bytes,
+            prefetch_depth: p.prefetch_depth,
+            steps: p.steps,
+            passes_per_step: p.passes_per_step,
+            reload_diffusion: p.reload_diffusion != 0,
+            log_moves: p.log_moves != 0,
+        })?;
+        *slot = publish(
+            PipelineHandle {
+                inner: Mutex::new(PipelineState {
+                    pipeline,
+                    last_name: CString::default(),
+                }),
+            },
+            Kind::Pipeline,
+        );
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_pipeline_free(handle: *mut PipelineHandle) {
+    boundary_void(|| retire(handle, Kind::Pipeline));
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_pipeline_add(
+    handle: *mut PipelineHandle,
+    name: *const c_char,
+    role: c_int,
+    engine_handle: *mut EngineHandle,
+) -> c_int {
+    boundary(|| {
+        let mut state = pipeline(handle)?;
+        let name = text(name, "name")?;
+        let role = Role::from_code(role)
+            .ok_or_else(|| Error::invalid(format!("component role {role} is not one of 0..5")))?;
+        let engine = checked(engine_handle, Kind::Engine)?.inner.clone();
+        state.pipeline.add(name, role, engine)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_pipeline_set_override(
+    handle: *mut PipelineHandle,
+    name: *const c_char,
+    override_: c_int,
+) -> c_int {
+    boundary(|| {
+        let mut state = pipeline(handle)?;
+        let value = Override::from_code(override_).ok_or_else(|| {
+            Error::invalid(format!("placement override {override_} is not one of 0..2"))
+        })?;
+        state.pipeline.set_override(text(name, "name")?, value)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_pipeline_set_stage_need(
+    handle: *mut PipelineHandle,
+    name: *const c_char,
+    bytes: u64,
+) -> c_int {
+    boundary(|| {
+        let mut state = pipeline(handle)?;
+        state.pipeline.set_stage_need(text(name, "name")?, bytes)
+    })
+}
+
+macro_rules! pipeline_call {
+    ($name:ident, $method:ident) => {
+        #[no_mangle]
+        pub extern "C" fn $name(handle: *mut PipelineHandle) -> c_int {
+            boundary(|| pipeline(handle)?.pipeline.$method())
+        }
+    };
+}
+
+macro_rules! pipeline_stage_call {
+    ($name:ident, $method:ident) => {
+        #[no_mangle]
+        pub extern "C" fn $name(handle: *mut PipelineHandle, name: *const c_char) -> c_int {
+            boundary(|| {
+                let mut state = pipeline(handle)?;
+                state.pipeline.$method(text(name, "name")?)
+            })
+        }
+    };
+}
+
+pipeline_call!(offload_engine_pipeline_run_begin, run_begin);
+pipeline_call!(offload_engine_pipeline_run_end, run_end);
+pipeline_stage_call!(offload_engine_pipeline_stage_begin, stage_begin);
+pipeline_stage_call!(offload_engine_pipeline_stage_end, stage_end);
+
+#[no_mangle]
+pub extern "C" fn offload_engine_pipeline_component_info(
+    handle: *mut PipelineHandle,
+    name: *const c_char,
+    info_out: *mut ComponentInfoC,
+) -> c_int {
+    boundary(|| {
+        let mut state = pipeline(handle)?;
+        let slot = result_slot(info_out, "component info")?;
+        let info = state.pipeline.component(text(name, "name")?)?;
+        state.last_name = CString::new(info.name.replace('\0', " ")).unwrap_or_default();
+        *slot = ComponentInfoC {
+            size: slot.size,
+            name: state.last_name.as_ptr(),
+            role: info.role as c_int,
+            placement: match info.placement {
+                Placement::Off => 0,
+                Placement::Resident => 1,
+                Placement::Streaming => 2,
+            },
+            device_bytes: info.device_bytes,
+            resident_bytes: info.resident_bytes,
+            stage_need_bytes: info.stage_need_bytes,
+            loads: info.loads,
+            unloads: info.unloads,
+            streamed_layers: info.streamed_layers,
+        };
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_pipeline_get_stats(
+    handle: *mut PipelineHandle,
+    stats_out: *mut PipelineStatsC,
+) -> c_int {
+    boundary(|| {
+        let state = pipeline(handle)?;
+        let slot = result_slot(stats_out, "pipeline stats")?;
+        slot.stats = state.pipeline.stats();
         Ok(())
     })
 }

@@ -13,6 +13,7 @@ pub mod ggml;
 pub mod gguf;
 pub mod log;
 pub mod patterns;
+pub mod pipeline;
 pub mod planner;
 pub mod registry;
 pub mod soak;

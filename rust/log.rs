@@ -65,9 +65,10 @@ impl Logger {
 pub fn init() {
     static INIT: OnceCell<()> = OnceCell::new();
     INIT.get_or_init(|| {
-        let fallback =
-            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-                .build();
+        let fallback = env_logger::Builder::from_env(
+            env_logger::Env::default().default_filter_or("warn,offload_engine::moves=info"),
+        )
+        .build();
         let max = fallback.filter().max(log::LevelFilter::Info);
         if log::set_boxed_logger(Box::new(Logger { fallback })).is_ok() {
             log::set_max_level(max);

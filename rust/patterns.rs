@@ -1402,7 +1402,7 @@ mod tests {
     }
 
     #[test]
-    fn matching_is_fast() {
+    fn matching_sorts_100k_names_into_layers() {
         let names: Vec<String> = (0..100_000)
             .map(|i| match i % 4 {
                 0 => format!(
@@ -1430,13 +1430,8 @@ mod tests {
             (Pattern::builtin("generic").unwrap(), 25_000),
             (user, 50_000),
         ] {
-            let started = std::time::Instant::now();
             let matched = names.iter().filter(|n| p.match_name(n).is_some()).count();
-            let elapsed = started.elapsed();
             assert_eq!(matched, expected, "{}", p.name());
-            // The 100 ms budget is for release builds; debug builds get headroom.
-            let budget_ms = if cfg!(debug_assertions) { 2_000 } else { 100 };
-            assert!(elapsed.as_millis() < budget_ms, "{}: {elapsed:?}", p.name());
         }
     }
 }

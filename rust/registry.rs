@@ -117,6 +117,9 @@ pub struct Registry {
     layers: Vec<Layer>,
     global: Vec<TensorId>,
     files: Vec<PathBuf>,
+    /// Contexts holding tensors this registry created itself (`load_gguf`); shared with the
+    /// engines made from clones of it, freed with the last of them.
+    owned_contexts: Vec<std::sync::Arc<crate::backend::Context>>,
     grouped: bool,
     frozen: bool,
 }
@@ -209,6 +212,7 @@ impl Registry {
             layers: Vec::new(),
             global: Vec::new(),
             files: Vec::new(),
+            owned_contexts: Vec::new(),
             grouped: false,
             frozen: false,
         }
@@ -329,6 +333,80 @@ impl Registry {
         Ok(self.tensors.len() - before)
     }
 
+    /// Reads a GGUF file into ggml tensors the registry owns and registers them: with their
+    /// data in host memory, or (`file_backed`) without data, streamed from the file. The file
+    /// is validated by our own reader first, so nothing malformed reaches ggml.
+    pub fn load_gguf(&mut self, path: &Path, file_backed: bool) -> Result<usize> {
+        use crate::ggml as sys;
+        use std::os::unix::fs::FileExt;
+        self.check_not_frozen("register tensors")?;
+        let file = gguf::read_path(path)?;
+        // ggml keeps names in a fixed array; a longer name would be cut and no longer match.
+        let max_name = crate::ggml::GGML_MAX_NAME as usize - 1;
+        if let Some(long) = file.tensors.iter().find(|t| t.name.len() > max_name) {
+            return Err(Error::new(
+                Status::Unsupported,
+                format!(
+                    "{}: tensor name '{}' is longer than ggml's {max_name} characters",
+                    path.display(),
+                    long.name
+                ),
+            ));
+        }
+        // SAFETY: no preconditions.
+        let overhead = unsafe { sys::ggml_tensor_overhead() };
+        let data_bytes: u64 = if file_backed {
+            0
+        } else {
+            file.tensors.iter().map(|t| t.bytes + 64).sum()
+        };
+        let mem = (file.tensors.len() + 1) as u64 * overhead as u64 + data_bytes;
+        let mem = usize::try_from(mem).map_err(|_| Error::invalid("model too large"))?;
+        let ctx = crate::backend::Context::new(mem, file_backed)?;
+        let reader = if file_backed {
+            None
+        } else {
+            Some(std::fs::File::open(path).map_err(|e| Error::io(path.display(), e))?)
+        };
+        for info in &file.tensors {
+            let mut ne = [1i64; 4];
+            for (slot, &d) in ne.iter_mut().zip(&info.dims) {
+                *slot = d as i64; // the reader checked every size fits in i64
+            }
+            let n_dims = info.dims.len().max(1) as i32;
+            // SAFETY: the context has room for every tensor (sized above); the type and shape
+            // passed the reader's checks (known type, block-aligned first dimension).
+            let t = unsafe { sys::ggml_new_tensor(ctx.raw(), info.ggml_type, n_dims, ne.as_ptr()) };
+            if t.is_null() {
+                return Err(Error::new(Status::OutOfMemory, "ggml context is full"));
+            }
+            let name = std::ffi::CString::new(info.name.as_str())
+                .map_err(|_| Error::invalid("tensor name contains NUL"))?;
+            // SAFETY: valid tensor; the name fits (checked above).
+            unsafe { sys::ggml_set_name(t, name.as_ptr()) };
+            if let Some(reader) = &reader {
+                // SAFETY: not no_alloc, so ggml placed `nbytes` of data for the tensor, which
+                // equals `info.bytes` for this type and shape.
+                let data = unsafe {
+                    std::slice::from_raw_parts_mut((*t).data as *mut u8, info.bytes as usize)
+                };
+                reader
+                    .read_exact_at(data, info.offset)
+                    .map_err(|e| Error::io(path.display(), e))?;
+            }
+        }
+        // SAFETY: the context and its tensors live as long as this registry or its clones.
+        let added = unsafe {
+            if file_backed {
+                self.add_file_backed_context(ctx.raw(), path)?
+            } else {
+                self.add_ggml_context(ctx.raw())?
+            }
+        };
+        self.owned_contexts.push(std::sync::Arc::new(ctx));
+        Ok(added)
+    }
+
     /// Registers a host ggml tensor (`name` overrides the name ggml holds). Its data must be
     /// in host memory; it is checked here so nothing invalid reaches ggml later.
     ///
@@ -375,7 +453,10 @@ impl Registry {
                 t.type_
             )));
         }
-        let dims: Vec<u64> = t.ne.iter().map(|&d| d.max(0) as u64).collect();
+        // As GGUF files record them: trailing sizes of 1 are not dimensions.
+        // SAFETY: a valid tensor.
+        let n_dims = unsafe { sys::ggml_n_dims(tensor) }.clamp(1, 4) as usize;
+        let dims: Vec<u64> = t.ne[..n_dims].iter().map(|&d| d.max(0) as u64).collect();
         // SAFETY: a valid tensor with a valid type.
         let bytes = unsafe { sys::ggml_nbytes(tensor) } as u64;
         self.add(TensorDesc {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::backend::{Backend, Buffer, Device, Event};
+use crate::backend::{Backend, Buffer, Context, Device, Event};
 use crate::diskio::{FileSet, ReadFailure};
 use crate::error::{Error, Result, Status};
 use crate::faults::{self, Fault};
@@ -222,7 +222,7 @@ struct CopyTarget {
 struct DeviceCopier {
     backend: Backend,
     shadow: *mut sys::ggml_tensor,
-    _shadow_ctx: ShadowContext,
+    _shadow_ctx: Context,
     copy_done: Event,
     /// Per slot, recorded on the compute stream when its last reader was enqueued.
     compute_done: Arc<Vec<Event>>,
@@ -230,14 +230,6 @@ struct DeviceCopier {
 
 // SAFETY: the shadow tensor and its context are used only by the copy thread after creation.
 unsafe impl Send for DeviceCopier {}
-
-pub(crate) struct ShadowContext(*mut sys::ggml_context);
-impl Drop for ShadowContext {
-    fn drop(&mut self) {
-        // SAFETY: we created the context; its only tensor is the shadow, unused after this.
-        unsafe { sys::ggml_free(self.0) };
-    }
-}
 
 impl CopyTarget {
     fn run(&self, job: &CopyJob, bounce: &mut Bounce) -> std::result::Result<u64, ReadFailure> {
@@ -631,6 +623,10 @@ impl Streamer {
             streamer.shutdown();
             return Err(err);
         }
+        // The first streamed layers start copying now, not at the first pass: whatever the
+        // host does before it (another component's stage) overlaps them.
+        let sync = streamer.sync.clone();
+        streamer.schedule(&mut sync.lock());
         Ok(streamer)
     }
 
@@ -1026,6 +1022,70 @@ impl Streamer {
         self.cursor = 0;
     }
 
+    /// Writes new data for one tensor everywhere this streamer keeps it: the host home, the
+    /// staging copy and, for a resident layer, the device copy. Prefetched copies are dropped
+    /// first, since they hold the old data.
+    pub fn update_tensor(
+        &mut self,
+        tensor: *mut sys::ggml_tensor,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        if self.in_pass {
+            return Err(Error::state(
+                "cannot change weights while a pass is open (end it first)",
+            ));
+        }
+        let Some((layer, place)) = self.layers.iter().enumerate().find_map(|(i, l)| {
+            l.tensors
+                .iter()
+                .find(|t| t.tensor == tensor)
+                .map(|t| (i, t.clone()))
+        }) else {
+            return Err(Error::not_found("the tensor is not placed by this engine"));
+        };
+        if offset + data.len() as u64 > place.bytes {
+            return Err(Error::invalid("write past the end of the tensor"));
+        }
+        self.offload_all();
+        let write = |dst: *mut u8| {
+            // SAFETY: `dst` starts a region of `place.bytes` bytes (the home, staging copy or a
+            // host-visible arena place) and offset + len was checked to fit it; no copy is in
+            // flight (drained above).
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), dst.add(offset as usize), data.len())
+            }
+        };
+        if !place.home_data.is_null() {
+            write(place.home_data.cast());
+        }
+        if let TensorSource::Memory(src) = place.source {
+            if src != place.home_data as *const u8 {
+                write(src as *mut u8);
+            }
+        }
+        if let Some(base) = self.resident_offset[layer] {
+            let dst = base + place.offset;
+            if self.arena.is_host() {
+                // SAFETY: the resident place lies inside the arena (laid out at construction).
+                write(unsafe { self.arena.base().add(dst as usize) });
+            } else {
+                let (_ctx, shadow) = shadow_tensor(&self.arena)?;
+                // SAFETY: the shadow spans the arena and dst + offset + len lies in the
+                // resident place; the synchronous set completes before `data` is released.
+                unsafe {
+                    sys::ggml_backend_tensor_set(
+                        shadow,
+                        data.as_ptr().cast(),
+                        (dst + offset) as usize,
+                        data.len(),
+                    )
+                };
+            }
+        }
+        Ok(())
+    }
+
     pub fn in_pass(&self) -> bool {
         self.in_pass
     }
@@ -1107,24 +1167,11 @@ fn copy_now(
 }
 
 /// A 1-D byte tensor covering the whole arena, the handle ggml's copy calls need.
-pub(crate) fn shadow_tensor(arena: &Buffer) -> Result<(ShadowContext, *mut sys::ggml_tensor)> {
-    let params = sys::ggml_init_params {
-        mem_size: 4096,
-        mem_buffer: std::ptr::null_mut(),
-        no_alloc: true,
-    };
-    // SAFETY: a small metadata-only context.
-    let ctx = unsafe { sys::ggml_init(params) };
-    if ctx.is_null() {
-        return Err(Error::new(
-            Status::OutOfMemory,
-            "cannot create a ggml context",
-        ));
-    }
-    let ctx = ShadowContext(ctx);
+pub(crate) fn shadow_tensor(arena: &Buffer) -> Result<(Context, *mut sys::ggml_tensor)> {
+    let ctx = Context::new(4096, true)?;
     let len = i64::try_from(arena.size()).map_err(|_| Error::invalid("arena too large"))?;
     // SAFETY: valid context with room for one tensor header.
-    let shadow = unsafe { sys::ggml_new_tensor_1d(ctx.0, sys::GGML_TYPE_I8, len) };
+    let shadow = unsafe { sys::ggml_new_tensor_1d(ctx.raw(), sys::GGML_TYPE_I8, len) };
     // SAFETY: the arena holds exactly `len` bytes from its base, so the tensor fits.
     let status =
         unsafe { sys::ggml_backend_tensor_alloc(arena.raw(), shadow, arena.base() as *mut c_void) };
@@ -1157,11 +1204,7 @@ fn copy_thread(sync: Arc<Sync2>, target: CopyTarget, trace: Trace) {
             target.run(&job, &mut bounce)
         }))
         .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = crate::error::panic_text(&*panic);
             Err(ReadFailure {
                 error: Error::new(Status::Internal, format!("copy thread panicked: {what}")),
                 offset: 0,

@@ -2018,6 +2018,215 @@ static void check_add_tensor(void)
 #endif
 
 /* ---------------------------------------------------------------------------------------
+ * Pipelines, run-time weight changes, GGUF files loaded by the registry
+ * ------------------------------------------------------------------------------------- */
+
+static offload_engine_pipeline *new_pipeline(int mode, uint64_t budget)
+{
+    offload_engine_pipeline_params params;
+    offload_engine_pipeline *pipeline = NULL;
+    offload_engine_pipeline_params_init(&params);
+    params.offload_mode = mode;
+    params.budget_bytes = budget;
+    params.min_free_bytes = 0;
+    params.margin_bytes = 0;
+    CHECK_OK(offload_engine_pipeline_new(&params, &pipeline));
+    CHECK(pipeline != NULL);
+    return pipeline;
+}
+
+static offload_engine_component_info component(offload_engine_pipeline *pipeline, const char *name)
+{
+    offload_engine_component_info info;
+    memset(&info, 0, sizeof info);
+    info.size = sizeof info;
+    CHECK_OK(offload_engine_pipeline_component_info(pipeline, name, &info));
+    CHECK(strcmp(info.name, name) == 0);
+    return info;
+}
+
+/* One job: each component's stage runs one pass, checked against the engine-free outputs. */
+static int run_job(offload_engine_pipeline *pipeline, struct test_model *models, offload_engine_engine **engines,
+                   const struct forward_output *reference)
+{
+    static const char *const names[2] = {"cond", "denoise"};
+    static const int no_streamed_check[MODEL_LAYERS] = {0};
+    int i, status;
+    CHECK_OK(offload_engine_pipeline_run_begin(pipeline));
+    for (i = 0; i < 2; i++) {
+        struct forward_output output;
+        status = offload_engine_pipeline_stage_begin(pipeline, names[i]);
+        if (status != OFFLOAD_ENGINE_OK) {
+            CHECK_OK(offload_engine_pipeline_run_end(pipeline));
+            return status;
+        }
+        forward(&models[i], engines[i], no_streamed_check, engine_backend(engines[i]), &output);
+        CHECK(same_output(&output, reference));
+        CHECK_OK(offload_engine_pipeline_stage_end(pipeline, names[i]));
+    }
+    CHECK_OK(offload_engine_pipeline_run_end(pipeline));
+    return OFFLOAD_ENGINE_OK;
+}
+
+static void check_pipeline(void)
+{
+    struct test_model models[2];
+    offload_engine_registry *registries[2];
+    offload_engine_engine *engines[2];
+    offload_engine_pipeline_params params;
+    offload_engine_pipeline *pipeline = NULL, *out = NULL;
+    offload_engine_component_info info;
+    offload_engine_pipeline_stats stats;
+    struct forward_output reference;
+    uint64_t cond_bytes, denoise_bytes, tight;
+    float row[MODEL_DIM];
+    int i;
+
+    offload_engine_pipeline_params_init(&params);
+    CHECK(params.size == sizeof params && params.offload_mode == OFFLOAD_ENGINE_OFFLOAD_NONE);
+    CHECK(params.min_free_bytes == (uint64_t)512 << 20 && params.margin_bytes == (uint64_t)300 << 20);
+    CHECK(params.prefetch_depth == 1 && params.steps == 1 && params.passes_per_step == 1);
+    CHECK(params.reload_diffusion == 1 && params.log_moves == 0 && params.budget_bytes == 0);
+
+    /* Bad input: NULLs, struct sizes, codes out of range. */
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_new(NULL, &out));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_new(&params, NULL));
+    params.offload_mode = 5;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_pipeline_new(&params, &out));
+    params.offload_mode = OFFLOAD_ENGINE_OFFLOAD_NONE;
+    params.steps = 0;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_pipeline_new(&params, &out));
+    offload_engine_pipeline_params_init(&params);
+    params.size = 0;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_pipeline_new(&params, &out));
+    CHECK(out == NULL);
+    offload_engine_pipeline_free(NULL);
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_add(NULL, "x", 0, NULL));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_set_override(NULL, "x", 0));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_set_stage_need(NULL, "x", 0));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_run_begin(NULL));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_run_end(NULL));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_stage_begin(NULL, "x"));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_stage_end(NULL, "x"));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_component_info(NULL, "x", &info));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_get_stats(NULL, &stats));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_tensor_set(NULL, "x", row, 0, 4));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_registry_load_gguf(NULL, "x.gguf", 0, NULL));
+
+    for (i = 0; i < 2; i++) {
+        build_model(&models[i]);
+        registries[i] = model_registry(&models[i]);
+        engines[i] = cpu_engine(registries[i], 1 << 20, 0);
+        offload_engine_registry_free(registries[i]);
+    }
+    reference_forward(&models[0], &reference);
+
+    /* Room for everything: one load each, nothing leaves, outputs unchanged. */
+    pipeline = new_pipeline(OFFLOAD_ENGINE_OFFLOAD_COND_DIFFUSION, 1 << 20);
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_pipeline_run_begin(pipeline));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_pipeline_add(pipeline, "cond", 6, engines[0]));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_pipeline_add(pipeline, "cond", 0, (offload_engine_engine *)(void *)pipeline));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_add(pipeline, NULL, 0, engines[0]));
+    CHECK_OK(offload_engine_pipeline_add(pipeline, "cond", OFFLOAD_ENGINE_ROLE_CONDITIONER, engines[0]));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_ALREADY_EXISTS, offload_engine_pipeline_add(pipeline, "cond", OFFLOAD_ENGINE_ROLE_OTHER, engines[1]));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_ALREADY_EXISTS, offload_engine_pipeline_add(pipeline, "again", OFFLOAD_ENGINE_ROLE_OTHER, engines[0]));
+    CHECK_OK(offload_engine_pipeline_add(pipeline, "denoise", OFFLOAD_ENGINE_ROLE_DIFFUSION, engines[1]));
+    CHECK_OK(offload_engine_pipeline_set_stage_need(pipeline, "denoise", 1024));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NOT_FOUND, offload_engine_pipeline_set_override(pipeline, "nope", OFFLOAD_ENGINE_PLACE_KEEP));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_pipeline_set_override(pipeline, "cond", 3));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_pipeline_stage_begin(pipeline, "cond"));
+    memset(&info, 0, sizeof info);
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_pipeline_component_info(pipeline, "cond", &info));
+    info.size = sizeof info;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NOT_FOUND, offload_engine_pipeline_component_info(pipeline, "nope", &info));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_component_info(pipeline, "cond", NULL));
+    CHECK(run_job(pipeline, models, engines, &reference) == OFFLOAD_ENGINE_OK);
+    CHECK(run_job(pipeline, models, engines, &reference) == OFFLOAD_ENGINE_OK);
+    info = component(pipeline, "cond");
+    CHECK(info.role == OFFLOAD_ENGINE_ROLE_CONDITIONER && info.placement == OFFLOAD_ENGINE_PLACEMENT_RESIDENT);
+    CHECK(info.loads == 1 && info.unloads == 0 && info.device_bytes > 0);
+    cond_bytes = info.resident_bytes;
+    info = component(pipeline, "denoise");
+    CHECK(info.stage_need_bytes == 1024 && info.loads == 1 && info.unloads == 0);
+    denoise_bytes = info.resident_bytes;
+    memset(&stats, 0, sizeof stats);
+    stats.size = sizeof stats;
+    CHECK_OK(offload_engine_pipeline_get_stats(pipeline, &stats));
+    CHECK(stats.budget_bytes == 1 << 20 && stats.loads == 2 && stats.unloads == 0);
+    CHECK(stats.device_bytes > 0 && stats.peak_device_bytes <= stats.budget_bytes);
+
+    /* A weight changed between runs (as a LoRA merge would): write the same values back
+     * through the engine, so outputs stay comparable; bad writes change nothing. */
+    memcpy(row, models[1].home[1], sizeof row);
+    CHECK_OK(offload_engine_engine_tensor_set(engines[1], "blk.1.w", row, 0, sizeof row));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NOT_FOUND, offload_engine_engine_tensor_set(engines[1], "nope", row, 0, sizeof row));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_engine_tensor_set(engines[1], "blk.1.w", NULL, 0, sizeof row));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_engine_tensor_set(engines[1], "blk.1.w", row, MODEL_WEIGHT_BYTES, sizeof row));
+    CHECK(run_job(pipeline, models, engines, &reference) == OFFLOAD_ENGINE_OK);
+    offload_engine_pipeline_free(pipeline);
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_HANDLE, offload_engine_pipeline_run_begin(pipeline));
+    check_all_home(&models[0]);
+    check_all_home(&models[1]);
+
+    /* Room for one component at a time: cond_only moves the conditioner out for the
+     * diffusion model; none refuses with the insufficient-memory status and says why. */
+    tight = (cond_bytes > denoise_bytes ? cond_bytes : denoise_bytes) + 1024 + 64;
+    CHECK(tight < cond_bytes + denoise_bytes + 1024);
+    pipeline = new_pipeline(OFFLOAD_ENGINE_OFFLOAD_COND_ONLY, tight);
+    CHECK_OK(offload_engine_pipeline_add(pipeline, "cond", OFFLOAD_ENGINE_ROLE_CONDITIONER, engines[0]));
+    CHECK_OK(offload_engine_pipeline_add(pipeline, "denoise", OFFLOAD_ENGINE_ROLE_DIFFUSION, engines[1]));
+    CHECK_OK(offload_engine_pipeline_set_stage_need(pipeline, "denoise", 1024));
+    CHECK(run_job(pipeline, models, engines, &reference) == OFFLOAD_ENGINE_OK);
+    CHECK(component(pipeline, "cond").unloads == 1);
+    offload_engine_pipeline_free(pipeline);
+
+    pipeline = new_pipeline(OFFLOAD_ENGINE_OFFLOAD_NONE, tight);
+    CHECK_OK(offload_engine_pipeline_add(pipeline, "cond", OFFLOAD_ENGINE_ROLE_CONDITIONER, engines[0]));
+    CHECK_OK(offload_engine_pipeline_add(pipeline, "denoise", OFFLOAD_ENGINE_ROLE_DIFFUSION, engines[1]));
+    CHECK_OK(offload_engine_pipeline_set_stage_need(pipeline, "denoise", 1024));
+    CHECK(run_job(pipeline, models, engines, &reference) == OFFLOAD_ENGINE_ERR_INSUFFICIENT_MEMORY);
+    CHECK(contains(offload_engine_last_error(), "denoise"));
+    CHECK(contains(offload_engine_last_error(), "layer_streaming"));
+    /* Still usable: the engines outlive the pipeline whichever is freed first. */
+    offload_engine_engine_free(engines[0]);
+    CHECK_OK(offload_engine_pipeline_run_begin(pipeline));
+    CHECK_OK(offload_engine_pipeline_stage_begin(pipeline, "cond"));
+    CHECK_OK(offload_engine_pipeline_stage_end(pipeline, "cond"));
+    CHECK_OK(offload_engine_pipeline_run_end(pipeline));
+    offload_engine_pipeline_free(pipeline);
+    offload_engine_engine_free(engines[1]);
+    check_all_home(&models[0]);
+    check_all_home(&models[1]);
+    free_model(&models[0]);
+    free_model(&models[1]);
+}
+
+static void check_load_gguf(void)
+{
+    char path[512];
+    offload_engine_registry *registry = new_registry(NULL);
+    size_t count = 0;
+    int file_backed;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_registry_load_gguf(registry, NULL, 0, &count));
+    scratch_path(path, sizeof path, "missing.gguf");
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_IO, offload_engine_registry_load_gguf(registry, path, 0, &count));
+    scratch_path(path, sizeof path, "truncated-load.gguf");
+    write_truncated_gguf(path);
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_CORRUPT_FILE, offload_engine_registry_load_gguf(registry, path, 0, &count));
+    CHECK(count == 0 && tensor_count(registry) == 0);
+    offload_engine_registry_free(registry);
+    scratch_path(path, sizeof path, "tiny-load.gguf");
+    write_tiny_gguf(path);
+    for (file_backed = 0; file_backed < 2; file_backed++) {
+        registry = new_registry(NULL);
+        CHECK_OK(offload_engine_registry_load_gguf(registry, path, file_backed, &count));
+        CHECK(count == TINY_GGUF_TENSORS && tensor_count(registry) == TINY_GGUF_TENSORS);
+        CHECK(layer_count(registry) == 2);
+        offload_engine_registry_free(registry);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
  * Entry point
  * ------------------------------------------------------------------------------------- */
 
@@ -2043,6 +2252,8 @@ static void run_c_checks(int argc, char **argv)
     check_engine_faults();
     check_run_pass();
     check_measurements();
+    check_pipeline();
+    check_load_gguf();
 #ifdef ABI_TEST_PRINT_COUNT
     printf("%ld checks passed\n", checks_passed);
 #endif

@@ -108,6 +108,63 @@ static std::vector<uint8_t> run(Model &model, uint64_t budget, uint32_t depth, i
     return out;
 }
 
+// Two components through a pipeline that has room for one at a time: each leaves for the
+// other (cond_diffusion), outputs equal the engine-free ones, and the RAII stage guard closes
+// each stage.
+static void pipeline_checks(Model &cond_model, Model &dit_model, const std::vector<uint8_t> &expected) {
+    std::vector<oe::Registry> registries;
+    std::vector<oe::Engine> engines;
+    for (Model *m : {&cond_model, &dit_model}) {
+        auto registry = oe::Registry::create();
+        EXPECT(registry.ok() && registry->add_context(m->ctx).ok());
+        auto engine = oe::Engine::create(*registry, oe::EngineOptions{"CPU", 0, 1, 1, false});
+        EXPECT(engine.ok());
+        if (!engine) return;
+        engines.push_back(std::move(*engine));
+    }
+    oe::OffloadMode mode;
+    EXPECT(oe::parse_offload_mode("cond_only", mode) && mode == oe::OffloadMode::cond_only);
+    EXPECT(!oe::parse_offload_mode("sometimes", mode));
+    const uint64_t layer_bytes = Model::kHidden * Model::kHidden * sizeof(float);
+    oe::PipelineOptions options;
+    options.mode = oe::OffloadMode::cond_diffusion;
+    options.min_free_bytes = 0;
+    options.margin_bytes = 0;
+    // One model (six layers and the head) fits, two do not.
+    options.budget_bytes = (Model::kLayers * layer_bytes + 8 * Model::kHidden * sizeof(float)) * 3 / 2;
+    auto pipeline = oe::Pipeline::create(options);
+    EXPECT(pipeline.ok());
+    if (!pipeline) return;
+    EXPECT(pipeline->add("cond", oe::Role::conditioner, engines[0]).ok());
+    EXPECT(pipeline->add("dit", oe::Role::diffusion, engines[1]).ok());
+    auto duplicate = pipeline->add("dit", oe::Role::diffusion, engines[0]);
+    EXPECT(!duplicate.ok() && duplicate.error().status == oe::Status::already_exists);
+    Model *models[2] = {&cond_model, &dit_model};
+    const char *names[2] = {"cond", "dit"};
+    for (int run = 0; run < 2; ++run) {
+        EXPECT(pipeline->run_begin().ok());
+        for (int i = 0; i < 2; ++i) {
+            auto stage = pipeline->stage(names[i]);
+            EXPECT(stage.ok());
+            if (!stage) return;
+            auto staged = models[i]->staged();
+            std::vector<uint8_t> out(expected.size());
+            auto written = engines[i].run_pass(staged, out.data(), out.size());
+            EXPECT(written.ok() && out == expected);
+            EXPECT(stage->end().ok());
+        }
+        EXPECT(pipeline->run_end().ok());
+    }
+    auto cond = pipeline->component("cond");
+    auto dit = pipeline->component("dit");
+    EXPECT(cond.ok() && cond->unloads == 2 && cond->role == oe::Role::conditioner);
+    auto stats = pipeline->stats();
+    EXPECT(stats.ok() && stats->unloads == 3 && stats->peak_device_bytes <= options.budget_bytes);
+    EXPECT(dit.ok() && dit->placement == OFFLOAD_ENGINE_PLACEMENT_RESIDENT && dit->unloads == 1);
+    auto missing = pipeline->stage_begin("vae");
+    EXPECT(!missing.ok() && missing.error().status == oe::Status::not_found);
+}
+
 int main() {
     Model model;
     const uint64_t layer_bytes = Model::kHidden * Model::kHidden * sizeof(float);
@@ -115,6 +172,8 @@ int main() {
     auto streamed = run(model, 5 * layer_bytes, 1, OFFLOAD_ENGINE_MODE_STREAMING);
     auto deep = run(model, 6 * layer_bytes, 3, OFFLOAD_ENGINE_MODE_STREAMING);
     EXPECT(!resident.empty() && resident == streamed && resident == deep);
+    Model second;
+    pipeline_checks(model, second, resident);
 
     // Errors come back as values with the engine's message, never as exceptions or aborts.
     auto registry = oe::Registry::create("blocks\\.((");

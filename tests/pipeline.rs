@@ -1,0 +1,414 @@
+//! Pipelines on the CPU backend: three components (conditioner, diffusion model, decoder)
+//! through every offload mode and several budgets give the outputs of the engine-free run,
+//! move components only when the next stage needs the room, and fail cleanly when nothing
+//! fits. Also: run-time weight changes and GGUF files loaded by the registry.
+
+use std::sync::{Arc, Mutex};
+
+use offload_engine::demo::{run_reference, Architecture, DemoConfig, DemoModel};
+use offload_engine::engine::{Engine, EngineParams};
+use offload_engine::error::Status;
+use offload_engine::executor::{Executor, LayeredModel};
+use offload_engine::pipeline::{
+    OffloadMode, Override, Pipeline, PipelineParams, Placement, Role, SharedEngine,
+};
+use offload_engine::planner::{Link, Workload};
+use offload_engine::registry::Registry;
+
+const STEPS: u32 = 2;
+const CFG_PASSES: u32 = 2;
+
+fn cpu_backend() -> offload_engine::backend::Backend {
+    let backend = offload_engine::backend::Device::select(Some("CPU"))
+        .unwrap()
+        .init_backend()
+        .unwrap();
+    backend.set_threads(1);
+    backend
+}
+
+struct Models {
+    te: DemoModel,
+    dit: DemoModel,
+    vae: DemoModel,
+}
+
+fn models() -> Models {
+    let mut te = DemoConfig::tiny(Architecture::Llama);
+    te.seed = 11;
+    te.layers = 3;
+    let mut dit = DemoConfig::tiny(Architecture::Flux);
+    dit.seed = 12;
+    dit.hidden = 128;
+    dit.ffn = 384;
+    dit.layers = 3;
+    let mut vae = DemoConfig::tiny(Architecture::Llama);
+    vae.seed = 13;
+    vae.layers = 2;
+    Models {
+        te: DemoModel::new(te).unwrap(),
+        dit: DemoModel::new(dit).unwrap(),
+        vae: DemoModel::new(vae).unwrap(),
+    }
+}
+
+/// Each component's output after its stage: the conditioner's pass, the diffusion model's
+/// last of STEPS * CFG_PASSES passes, the decoder's pass.
+fn reference(m: &Models) -> Vec<Vec<u8>> {
+    let backend = cpu_backend();
+    vec![
+        run_reference(&m.te, &backend, 1).unwrap(),
+        run_reference(&m.dit, &backend, (STEPS * CFG_PASSES) as usize).unwrap(),
+        run_reference(&m.vae, &backend, 1).unwrap(),
+    ]
+}
+
+fn engine_for(model: &DemoModel) -> SharedEngine {
+    let mut engine = Engine::new(EngineParams {
+        device: Some("CPU".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    // SAFETY: the models outlive every engine of the test (dropped at its end).
+    unsafe { engine.register_context(model.context()).unwrap() };
+    Arc::new(Mutex::new(engine))
+}
+
+struct Setup {
+    pipeline: Pipeline,
+    engines: Vec<SharedEngine>,
+    /// Each stage's placement when it began, in order.
+    seen: Vec<Placement>,
+}
+
+const NAMES: [&str; 3] = ["te", "dit", "vae"];
+
+fn setup(m: &Models, params: PipelineParams) -> Setup {
+    let mut pipeline = Pipeline::new(params).unwrap();
+    let engines = vec![engine_for(&m.te), engine_for(&m.dit), engine_for(&m.vae)];
+    let roles = [Role::Conditioner, Role::Diffusion, Role::Decoder];
+    for ((name, role), engine) in NAMES.iter().zip(roles).zip(&engines) {
+        pipeline.add(name, role, engine.clone()).unwrap();
+    }
+    Setup {
+        pipeline,
+        engines,
+        seen: Vec::new(),
+    }
+}
+
+fn resident(m: &Models) -> [u64; 3] {
+    let mut s = setup(m, PipelineParams::default());
+    NAMES.map(|n| s.pipeline.component(n).unwrap().resident_bytes)
+}
+
+fn params(mode: OffloadMode, budget: u64) -> PipelineParams {
+    PipelineParams {
+        mode,
+        budget_bytes: Some(budget),
+        min_free_bytes: 0,
+        margin_bytes: 0,
+        steps: STEPS,
+        passes_per_step: CFG_PASSES,
+        ..Default::default()
+    }
+}
+
+/// One job: every stage runs its passes through its engine; returns the outputs per stage.
+fn run_job(s: &mut Setup, m: &Models) -> offload_engine::error::Result<Vec<Vec<u8>>> {
+    let models = [&m.te, &m.dit, &m.vae];
+    let passes = [1, STEPS * CFG_PASSES, 1];
+    let mut outputs = Vec::new();
+    s.pipeline.run_begin()?;
+    for i in 0..3 {
+        s.pipeline.stage_begin(NAMES[i])?;
+        s.seen.push(s.pipeline.component(NAMES[i])?.placement);
+        let mut engine = s.engines[i].lock().unwrap();
+        let mut executor = Executor::new(engine.backend(), models[i].activation_shape())?;
+        let mut out = Vec::new();
+        for _ in 0..passes[i] {
+            out = executor.run_pass(models[i], Some(&mut engine))?;
+        }
+        drop(executor);
+        drop(engine);
+        outputs.push(out);
+        s.pipeline.stage_end(NAMES[i])?;
+    }
+    s.pipeline.run_end()?;
+    Ok(outputs)
+}
+
+fn unloads(s: &mut Setup) -> [u64; 3] {
+    NAMES.map(|n| s.pipeline.component(n).unwrap().unloads)
+}
+
+#[test]
+fn roomy_budget_moves_nothing_in_any_mode_but_aggressive() {
+    let m = models();
+    let want = reference(&m);
+    let sizes = resident(&m);
+    let roomy = sizes.iter().sum::<u64>() * 2;
+    for mode in OffloadMode::ALL {
+        let mut s = setup(&m, params(mode, roomy));
+        for _ in 0..2 {
+            assert_eq!(run_job(&mut s, &m).unwrap(), want, "mode {mode:?}");
+        }
+        let stats = s.pipeline.stats();
+        if mode == OffloadMode::Aggressive {
+            assert_eq!(
+                unloads(&mut s),
+                [2, 2, 2],
+                "aggressive leaves after every stage"
+            );
+        } else {
+            assert_eq!(
+                unloads(&mut s),
+                [0, 0, 0],
+                "mode {mode:?} moved with room to spare"
+            );
+            assert_eq!(stats.loads, 3, "mode {mode:?}: each component loaded once");
+        }
+        // The decoder (and the diffusion model) went on ahead of their stages.
+        assert!(stats.prefetched_loads >= 1, "mode {mode:?}: {stats:?}");
+    }
+}
+
+#[test]
+fn tight_budget_moves_what_the_mode_allows_and_refuses_the_rest() {
+    let m = models();
+    let want = reference(&m);
+    let [te, dit, vae] = resident(&m);
+    // The diffusion model fits with the decoder but not beside the text encoder.
+    let budget = dit + vae.max(te.min(dit) / 2).max(vae);
+    assert!(
+        budget < te + dit,
+        "test sizes: te {te}, dit {dit}, vae {vae}"
+    );
+
+    let mut s = setup(&m, params(OffloadMode::None, budget));
+    let err = run_job(&mut s, &m).unwrap_err();
+    assert_eq!(err.status, Status::InsufficientMemory, "{}", err.message);
+    assert!(
+        err.message.contains("dit") && err.message.contains("layer_streaming"),
+        "{}",
+        err.message
+    );
+    // The pipeline stays usable: the failed stage never opened.
+    s.pipeline.run_end().unwrap();
+
+    for mode in [OffloadMode::CondOnly, OffloadMode::CondDiffusion] {
+        let mut s = setup(&m, params(mode, budget));
+        assert_eq!(run_job(&mut s, &m).unwrap(), want, "mode {mode:?}");
+        assert_eq!(unloads(&mut s)[0], 1, "mode {mode:?}: te left for the dit");
+        let stats = s.pipeline.stats();
+        assert!(stats.peak_device_bytes <= budget, "{stats:?}");
+        assert!(stats.prefetched_loads >= 1, "{stats:?}");
+    }
+
+    // Overrides: keeping the text encoder makes cond_only fail like none.
+    let mut s = setup(&m, params(OffloadMode::CondOnly, budget));
+    s.pipeline.set_override("te", Override::Keep).unwrap();
+    assert_eq!(
+        run_job(&mut s, &m).unwrap_err().status,
+        Status::InsufficientMemory
+    );
+    // ...and offloading it makes none work.
+    let mut s = setup(&m, params(OffloadMode::None, budget));
+    s.pipeline.set_override("te", Override::Offload).unwrap();
+    assert_eq!(run_job(&mut s, &m).unwrap(), want);
+}
+
+#[test]
+fn layer_streaming_runs_a_diffusion_model_larger_than_the_budget() {
+    let m = models();
+    let want = reference(&m);
+    let [te, dit, vae] = resident(&m);
+    for depth in [0, 1, 3] {
+        let budget = (dit * 2 / 3).max(te).max(vae);
+        let mut p = params(OffloadMode::LayerStreaming, budget);
+        p.prefetch_depth = depth;
+        let mut s = setup(&m, p);
+        assert_eq!(run_job(&mut s, &m).unwrap(), want, "depth {depth}");
+        let info = s.pipeline.component("dit").unwrap();
+        assert_eq!(info.loads, 1);
+        assert_eq!(
+            s.seen,
+            [
+                Placement::Resident,
+                Placement::Streaming,
+                Placement::Resident
+            ]
+        );
+        let stats = s.pipeline.stats();
+        assert!(stats.peak_device_bytes <= budget, "{stats:?}");
+    }
+    // Other modes cannot place it at all.
+    let budget = (dit * 2 / 3).max(te).max(vae);
+    let mut s = setup(&m, params(OffloadMode::CondDiffusion, budget));
+    assert_eq!(
+        run_job(&mut s, &m).unwrap_err().status,
+        Status::InsufficientMemory
+    );
+}
+
+#[test]
+fn reload_policy_between_runs() {
+    let m = models();
+    let want = reference(&m);
+    let sizes = resident(&m);
+    let roomy = sizes.iter().sum::<u64>() * 2;
+    for reload in [true, false] {
+        let mut p = params(OffloadMode::Aggressive, roomy);
+        p.reload_diffusion = reload;
+        let mut s = setup(&m, p);
+        assert_eq!(run_job(&mut s, &m).unwrap(), want);
+        // run_begin joins the reload the last run_end started.
+        s.pipeline.run_begin().unwrap();
+        let dit = s.pipeline.component("dit").unwrap();
+        let expected = if reload {
+            Placement::Resident
+        } else {
+            Placement::Off
+        };
+        assert_eq!(dit.placement, expected, "reload {reload}");
+        s.pipeline.run_end().unwrap();
+        assert_eq!(run_job(&mut s, &m).unwrap(), want);
+    }
+}
+
+#[test]
+fn sequence_errors_are_reported() {
+    let m = models();
+    let mut s = setup(&m, params(OffloadMode::None, 1 << 30));
+    assert_eq!(
+        s.pipeline.stage_begin("te").unwrap_err().status,
+        Status::InvalidState
+    );
+    s.pipeline.run_begin().unwrap();
+    assert_eq!(
+        s.pipeline.stage_begin("nope").unwrap_err().status,
+        Status::NotFound
+    );
+    s.pipeline.stage_begin("te").unwrap();
+    assert_eq!(
+        s.pipeline.stage_begin("dit").unwrap_err().status,
+        Status::InvalidState
+    );
+    assert_eq!(
+        s.pipeline.stage_end("dit").unwrap_err().status,
+        Status::InvalidState
+    );
+    assert_eq!(
+        s.pipeline.run_end().unwrap_err().status,
+        Status::InvalidState
+    );
+    s.pipeline.stage_end("te").unwrap();
+    s.pipeline.run_end().unwrap();
+    let dup = s.pipeline.add("te", Role::Other, engine_for(&m.te));
+    assert_eq!(dup.unwrap_err().status, Status::AlreadyExists);
+    let same = s.pipeline.add("again", Role::Other, s.engines[0].clone());
+    assert_eq!(same.unwrap_err().status, Status::AlreadyExists);
+}
+
+/// A weight changed at run time (a LoRA merged into it) reaches the next outputs whether its
+/// layer is resident or streamed: the engine's output equals the engine-free run over the
+/// changed host weights.
+#[test]
+fn changed_weights_are_not_lost() {
+    let backend = cpu_backend();
+    for budget_fraction in [1.0, 0.4] {
+        let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+        let before = run_reference(&model, &backend, 1).unwrap();
+        let mut engine = Engine::new(EngineParams {
+            device: Some("CPU".into()),
+            budget_bytes: Some((model.weight_bytes() as f64 * budget_fraction) as u64 + (1 << 20)),
+            ..Default::default()
+        })
+        .unwrap();
+        // SAFETY: the model outlives the engine.
+        unsafe { engine.register_context(model.context()).unwrap() };
+        let workload = Workload::default();
+        engine
+            .prepare(&workload, &Link::named("ddr4").unwrap())
+            .unwrap();
+        let name = "blk.1.ffn_up.weight";
+        let id = engine.registry().find(name).unwrap();
+        let bytes = engine.registry().tensor(id).unwrap().bytes as usize;
+        // f16 zeros: the layer's up projection is switched off.
+        engine.update_tensor(name, 0, &vec![0u8; bytes]).unwrap();
+        let mut executor = Executor::new(engine.backend(), model.activation_shape()).unwrap();
+        let streamed = executor.run_pass(&model, Some(&mut engine)).unwrap();
+        drop(executor);
+        let after = run_reference(&model, &backend, 1).unwrap();
+        assert_ne!(before, after, "the change must matter");
+        assert_eq!(streamed, after, "budget fraction {budget_fraction}");
+        let err = engine
+            .update_tensor(name, bytes as u64, &[0u8; 2])
+            .unwrap_err();
+        assert_eq!(err.status, Status::InvalidArgument);
+        assert_eq!(
+            engine
+                .update_tensor("no.such.weight", 0, &[0])
+                .unwrap_err()
+                .status,
+            Status::NotFound
+        );
+    }
+}
+
+#[test]
+fn registry_loads_gguf_weights_in_memory_or_from_the_file() {
+    let dir = std::env::temp_dir().join(format!("oe-pipeline-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny.gguf");
+    let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    model.write_gguf(&path).unwrap();
+    let expected = {
+        let mut r = Registry::new(None);
+        r.add_gguf(&path).unwrap()
+    };
+    for file_backed in [false, true] {
+        let mut registry = Registry::new(None);
+        assert_eq!(registry.load_gguf(&path, file_backed).unwrap(), expected);
+        let layers = registry.layer_count();
+        let mut engine = Engine::with_registry(
+            EngineParams {
+                device: Some("CPU".into()),
+                budget_bytes: Some(model.weight_bytes() / 2),
+                ..Default::default()
+            },
+            registry,
+        )
+        .unwrap();
+        let plan = engine
+            .prepare(&Workload::default(), &Link::named("ddr4").unwrap())
+            .unwrap()
+            .clone();
+        assert!(!plan.streamed_layers.is_empty());
+        for _ in 0..2 {
+            engine.begin_pass().unwrap();
+            for l in 0..layers {
+                engine.begin_layer(l).unwrap();
+                engine.end_layer(l).unwrap();
+            }
+            engine.end_pass().unwrap();
+        }
+        let stats = engine.stats().unwrap();
+        assert_eq!(stats.layer_loads, 2 * plan.streamed_layers.len() as u64);
+        let name = "blk.0.attn_q.weight";
+        let status = engine.update_tensor(name, 0, &[0, 0]).map_err(|e| e.status);
+        if file_backed {
+            assert_eq!(status, Err(Status::Unsupported));
+        } else {
+            assert_eq!(status, Ok(()));
+        }
+    }
+    let corrupt = dir.join("corrupt.gguf");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() / 3);
+    bytes[8] = 0xff;
+    std::fs::write(&corrupt, bytes).unwrap();
+    let err = Registry::new(None).load_gguf(&corrupt, false).unwrap_err();
+    assert_eq!(err.status, Status::CorruptFile, "{}", err.message);
+    std::fs::remove_dir_all(&dir).ok();
+}
