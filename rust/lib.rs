@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod log;
 pub mod patterns;
 pub mod pipeline;
+pub mod pipeline_demo;
 pub mod planner;
 pub mod registry;
 pub mod soak;

@@ -550,8 +550,7 @@ impl Pipeline {
                 .free(Some(i))
                 .saturating_sub(self.components[i].stage_need);
             if !may_stream && room < self.resident_bytes(i)? {
-                let err = Error::new(Status::InsufficientMemory, "not enough room");
-                return Err(self.placement_error(i, room, err));
+                return Err(self.placement_error(i, room, None));
             }
             let placed = {
                 let workload = self.workload();
@@ -559,7 +558,7 @@ impl Pipeline {
                 let mut engine = lock_engine(&c.engine, &c.name)?;
                 place_engine(&mut engine, &c.name, room, may_stream, &workload)
             };
-            let placed = placed.map_err(|e| self.placement_error(i, room, e))?;
+            let placed = placed.map_err(|e| self.placement_error(i, room, Some(e)))?;
             self.record_load(i, placed, "its stage");
         }
         self.stage = Some(i);
@@ -747,7 +746,8 @@ impl Pipeline {
         self.stats.peak_device_bytes = self.stats.peak_device_bytes.max(held);
     }
 
-    fn placement_error(&mut self, i: usize, room: u64, err: Error) -> Error {
+    /// Why component `i` cannot be placed in `room` bytes; `cause`: the engine's error.
+    fn placement_error(&mut self, i: usize, room: u64, cause: Option<Error>) -> Error {
         let c = &self.components[i];
         let needed = c.resident_bytes.unwrap_or(0);
         let others: Vec<String> = self
@@ -763,10 +763,14 @@ impl Pipeline {
         } else {
             "a mode that moves more components out, or a larger budget".to_string()
         };
+        let (status, detail) = match cause {
+            Some(err) => (err.status, format!(" [{}]", err.message)),
+            None => (Status::InsufficientMemory, String::new()),
+        };
         Error::new(
-            err.status,
+            status,
             format!(
-                "stage '{}' ({} mode) cannot be placed: it needs {} resident plus {} for the stage; {} of the {} budget is left ({} kept free; still on the device: {}). Try {hint}. [{}]",
+                "stage '{}' ({} mode) cannot be placed: it needs {} resident plus {} for the stage; {} of the {} budget is left ({} kept free; still on the device: {}). Try {hint}.{detail}",
                 c.name,
                 self.params.mode.name(),
                 format_bytes(needed),
@@ -774,8 +778,11 @@ impl Pipeline {
                 format_bytes(room),
                 format_bytes(self.budget),
                 format_bytes(self.params.min_free_bytes),
-                if others.is_empty() { "nothing".to_string() } else { others.join(", ") },
-                err.message
+                if others.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    others.join(", ")
+                },
             ),
         )
     }

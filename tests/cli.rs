@@ -174,3 +174,50 @@ fn quick_disk_bench_reports_every_figure() {
     assert_eq!(doc["bit_identical"], true);
     assert!(doc["model_over_ring"].as_f64().unwrap() >= 8.0);
 }
+
+#[test]
+fn pipeline_modes_give_identical_outputs_or_refuse_clearly() {
+    let (ok, stdout, stderr) = run(&["pipeline", "--tiny", "--steps", "2"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let line = |mode: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{mode} ")))
+            .unwrap_or_else(|| panic!("no line for {mode}:\n{stdout}"))
+            .to_string()
+    };
+    // The default budget holds the diffusion model and the decoder, not the text encoder
+    // besides: a mode that cannot move it refuses with the reason, the others all match.
+    assert!(line("none").contains("refused") && line("none").contains("layer_streaming"));
+    for mode in ["cond_diffusion", "aggressive", "layer_streaming"] {
+        assert!(line(mode).contains("(identical)"), "{}", line(mode));
+    }
+    let checksums: std::collections::HashSet<&str> = stdout
+        .lines()
+        .filter(|l| l.ends_with("(identical)"))
+        .filter_map(|l| l.split_whitespace().rev().nth(1))
+        .collect();
+    assert_eq!(checksums.len(), 1, "{stdout}");
+
+    // Below the diffusion model's size only layer streaming runs it, streamed.
+    let (ok, stdout, stderr) = run(&[
+        "pipeline",
+        "--tiny",
+        "--steps",
+        "2",
+        "--offload-mode",
+        "layer_streaming",
+        "--vram-budget",
+        "1500K",
+        "--offload-log",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("streaming") && stdout.contains("(identical)"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("unload 'text_encoder'"), "{stderr}");
+
+    let (ok, _, stderr) = run(&["pipeline", "--tiny", "--offload-mode", "sometimes"]);
+    assert!(!ok && stderr.contains("unknown offload mode"), "{stderr}");
+}

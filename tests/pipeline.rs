@@ -3,20 +3,17 @@
 //! move components only when the next stage needs the room, and fail cleanly when nothing
 //! fits. Also: run-time weight changes and GGUF files loaded by the registry.
 
-use std::sync::{Arc, Mutex};
-
 use offload_engine::demo::{run_reference, Architecture, DemoConfig, DemoModel};
 use offload_engine::engine::{Engine, EngineParams};
 use offload_engine::error::Status;
 use offload_engine::executor::{Executor, LayeredModel};
-use offload_engine::pipeline::{
-    OffloadMode, Override, Pipeline, PipelineParams, Placement, Role, SharedEngine,
-};
+use offload_engine::pipeline::{OffloadMode, Override, PipelineParams, Placement, Role};
+use offload_engine::pipeline_demo::{components, reference, DemoComponent, DemoPipeline};
 use offload_engine::planner::{Link, Workload};
 use offload_engine::registry::Registry;
 
 const STEPS: u32 = 2;
-const CFG_PASSES: u32 = 2;
+const NAMES: [&str; 3] = ["text_encoder", "diffusion_model", "vae"];
 
 fn cpu_backend() -> offload_engine::backend::Backend {
     let backend = offload_engine::backend::Device::select(Some("CPU"))
@@ -27,77 +24,15 @@ fn cpu_backend() -> offload_engine::backend::Backend {
     backend
 }
 
-struct Models {
-    te: DemoModel,
-    dit: DemoModel,
-    vae: DemoModel,
+fn models() -> Vec<DemoComponent> {
+    components(true, STEPS).unwrap()
 }
 
-fn models() -> Models {
-    let mut te = DemoConfig::tiny(Architecture::Llama);
-    te.seed = 11;
-    te.layers = 3;
-    let mut dit = DemoConfig::tiny(Architecture::Flux);
-    dit.seed = 12;
-    dit.hidden = 128;
-    dit.ffn = 384;
-    dit.layers = 3;
-    let mut vae = DemoConfig::tiny(Architecture::Llama);
-    vae.seed = 13;
-    vae.layers = 2;
-    Models {
-        te: DemoModel::new(te).unwrap(),
-        dit: DemoModel::new(dit).unwrap(),
-        vae: DemoModel::new(vae).unwrap(),
-    }
+fn setup(m: &[DemoComponent], params: PipelineParams) -> DemoPipeline<'_> {
+    DemoPipeline::new(m, params, Some("CPU"), 1).unwrap()
 }
 
-/// Each component's output after its stage: the conditioner's pass, the diffusion model's
-/// last of STEPS * CFG_PASSES passes, the decoder's pass.
-fn reference(m: &Models) -> Vec<Vec<u8>> {
-    let backend = cpu_backend();
-    vec![
-        run_reference(&m.te, &backend, 1).unwrap(),
-        run_reference(&m.dit, &backend, (STEPS * CFG_PASSES) as usize).unwrap(),
-        run_reference(&m.vae, &backend, 1).unwrap(),
-    ]
-}
-
-fn engine_for(model: &DemoModel) -> SharedEngine {
-    let mut engine = Engine::new(EngineParams {
-        device: Some("CPU".into()),
-        ..Default::default()
-    })
-    .unwrap();
-    // SAFETY: the models outlive every engine of the test (dropped at its end).
-    unsafe { engine.register_context(model.context()).unwrap() };
-    Arc::new(Mutex::new(engine))
-}
-
-struct Setup {
-    pipeline: Pipeline,
-    engines: Vec<SharedEngine>,
-    /// Each stage's placement when it began, in order.
-    seen: Vec<Placement>,
-}
-
-const NAMES: [&str; 3] = ["te", "dit", "vae"];
-
-fn setup(m: &Models, params: PipelineParams) -> Setup {
-    let mut pipeline = Pipeline::new(params).unwrap();
-    let engines = vec![engine_for(&m.te), engine_for(&m.dit), engine_for(&m.vae)];
-    let roles = [Role::Conditioner, Role::Diffusion, Role::Decoder];
-    for ((name, role), engine) in NAMES.iter().zip(roles).zip(&engines) {
-        pipeline.add(name, role, engine.clone()).unwrap();
-    }
-    Setup {
-        pipeline,
-        engines,
-        seen: Vec::new(),
-    }
-}
-
-fn resident(m: &Models) -> [u64; 3] {
+fn resident(m: &[DemoComponent]) -> [u64; 3] {
     let mut s = setup(m, PipelineParams::default());
     NAMES.map(|n| s.pipeline.component(n).unwrap().resident_bytes)
 }
@@ -109,49 +44,36 @@ fn params(mode: OffloadMode, budget: u64) -> PipelineParams {
         min_free_bytes: 0,
         margin_bytes: 0,
         steps: STEPS,
-        passes_per_step: CFG_PASSES,
+        passes_per_step: offload_engine::pipeline_demo::CFG_PASSES,
         ..Default::default()
     }
 }
 
-/// One job: every stage runs its passes through its engine; returns the outputs per stage.
-fn run_job(s: &mut Setup, m: &Models) -> offload_engine::error::Result<Vec<Vec<u8>>> {
-    let models = [&m.te, &m.dit, &m.vae];
-    let passes = [1, STEPS * CFG_PASSES, 1];
-    let mut outputs = Vec::new();
-    s.pipeline.run_begin()?;
-    for i in 0..3 {
-        s.pipeline.stage_begin(NAMES[i])?;
-        s.seen.push(s.pipeline.component(NAMES[i])?.placement);
-        let mut engine = s.engines[i].lock().unwrap();
-        let mut executor = Executor::new(engine.backend(), models[i].activation_shape())?;
-        let mut out = Vec::new();
-        for _ in 0..passes[i] {
-            out = executor.run_pass(models[i], Some(&mut engine))?;
-        }
-        drop(executor);
-        drop(engine);
-        outputs.push(out);
-        s.pipeline.stage_end(NAMES[i])?;
-    }
-    s.pipeline.run_end()?;
-    Ok(outputs)
+fn unloads(s: &mut DemoPipeline) -> [u64; 3] {
+    NAMES.map(|n| s.pipeline.component(n).unwrap().unloads)
 }
 
-fn unloads(s: &mut Setup) -> [u64; 3] {
-    NAMES.map(|n| s.pipeline.component(n).unwrap().unloads)
+fn engine_for(model: &DemoModel) -> offload_engine::pipeline::SharedEngine {
+    let mut engine = Engine::new(EngineParams {
+        device: Some("CPU".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    // SAFETY: the models outlive every engine of the test.
+    unsafe { engine.register_context(model.context()).unwrap() };
+    std::sync::Arc::new(std::sync::Mutex::new(engine))
 }
 
 #[test]
 fn roomy_budget_moves_nothing_in_any_mode_but_aggressive() {
     let m = models();
-    let want = reference(&m);
+    let want = reference(&m, 1).unwrap();
     let sizes = resident(&m);
     let roomy = sizes.iter().sum::<u64>() * 2;
     for mode in OffloadMode::ALL {
         let mut s = setup(&m, params(mode, roomy));
         for _ in 0..2 {
-            assert_eq!(run_job(&mut s, &m).unwrap(), want, "mode {mode:?}");
+            assert_eq!(s.run_job().unwrap(), want, "mode {mode:?}");
         }
         let stats = s.pipeline.stats();
         if mode == OffloadMode::Aggressive {
@@ -176,7 +98,7 @@ fn roomy_budget_moves_nothing_in_any_mode_but_aggressive() {
 #[test]
 fn tight_budget_moves_what_the_mode_allows_and_refuses_the_rest() {
     let m = models();
-    let want = reference(&m);
+    let want = reference(&m, 1).unwrap();
     let [te, dit, vae] = resident(&m);
     // The diffusion model fits with the decoder but not beside the text encoder.
     let budget = dit + vae.max(te.min(dit) / 2).max(vae);
@@ -186,19 +108,22 @@ fn tight_budget_moves_what_the_mode_allows_and_refuses_the_rest() {
     );
 
     let mut s = setup(&m, params(OffloadMode::None, budget));
-    let err = run_job(&mut s, &m).unwrap_err();
+    let err = s.run_job().unwrap_err();
     assert_eq!(err.status, Status::InsufficientMemory, "{}", err.message);
     assert!(
-        err.message.contains("dit") && err.message.contains("layer_streaming"),
+        err.message.contains("diffusion_model") && err.message.contains("layer_streaming"),
         "{}",
         err.message
     );
-    // The pipeline stays usable: the failed stage never opened.
+    // The pipeline stays usable: the failed stage never opened, the job closed its run.
+    s.pipeline.run_begin().unwrap();
+    s.pipeline.stage_begin("text_encoder").unwrap();
+    s.pipeline.stage_end("text_encoder").unwrap();
     s.pipeline.run_end().unwrap();
 
     for mode in [OffloadMode::CondOnly, OffloadMode::CondDiffusion] {
         let mut s = setup(&m, params(mode, budget));
-        assert_eq!(run_job(&mut s, &m).unwrap(), want, "mode {mode:?}");
+        assert_eq!(s.run_job().unwrap(), want, "mode {mode:?}");
         assert_eq!(unloads(&mut s)[0], 1, "mode {mode:?}: te left for the dit");
         let stats = s.pipeline.stats();
         assert!(stats.peak_device_bytes <= budget, "{stats:?}");
@@ -207,29 +132,30 @@ fn tight_budget_moves_what_the_mode_allows_and_refuses_the_rest() {
 
     // Overrides: keeping the text encoder makes cond_only fail like none.
     let mut s = setup(&m, params(OffloadMode::CondOnly, budget));
-    s.pipeline.set_override("te", Override::Keep).unwrap();
-    assert_eq!(
-        run_job(&mut s, &m).unwrap_err().status,
-        Status::InsufficientMemory
-    );
+    s.pipeline
+        .set_override("text_encoder", Override::Keep)
+        .unwrap();
+    assert_eq!(s.run_job().unwrap_err().status, Status::InsufficientMemory);
     // ...and offloading it makes none work.
     let mut s = setup(&m, params(OffloadMode::None, budget));
-    s.pipeline.set_override("te", Override::Offload).unwrap();
-    assert_eq!(run_job(&mut s, &m).unwrap(), want);
+    s.pipeline
+        .set_override("text_encoder", Override::Offload)
+        .unwrap();
+    assert_eq!(s.run_job().unwrap(), want);
 }
 
 #[test]
 fn layer_streaming_runs_a_diffusion_model_larger_than_the_budget() {
     let m = models();
-    let want = reference(&m);
+    let want = reference(&m, 1).unwrap();
     let [te, dit, vae] = resident(&m);
     for depth in [0, 1, 3] {
         let budget = (dit * 2 / 3).max(te).max(vae);
         let mut p = params(OffloadMode::LayerStreaming, budget);
         p.prefetch_depth = depth;
         let mut s = setup(&m, p);
-        assert_eq!(run_job(&mut s, &m).unwrap(), want, "depth {depth}");
-        let info = s.pipeline.component("dit").unwrap();
+        assert_eq!(s.run_job().unwrap(), want, "depth {depth}");
+        let info = s.pipeline.component("diffusion_model").unwrap();
         assert_eq!(info.loads, 1);
         assert_eq!(
             s.seen,
@@ -245,26 +171,23 @@ fn layer_streaming_runs_a_diffusion_model_larger_than_the_budget() {
     // Other modes cannot place it at all.
     let budget = (dit * 2 / 3).max(te).max(vae);
     let mut s = setup(&m, params(OffloadMode::CondDiffusion, budget));
-    assert_eq!(
-        run_job(&mut s, &m).unwrap_err().status,
-        Status::InsufficientMemory
-    );
+    assert_eq!(s.run_job().unwrap_err().status, Status::InsufficientMemory);
 }
 
 #[test]
 fn reload_policy_between_runs() {
     let m = models();
-    let want = reference(&m);
+    let want = reference(&m, 1).unwrap();
     let sizes = resident(&m);
     let roomy = sizes.iter().sum::<u64>() * 2;
     for reload in [true, false] {
         let mut p = params(OffloadMode::Aggressive, roomy);
         p.reload_diffusion = reload;
         let mut s = setup(&m, p);
-        assert_eq!(run_job(&mut s, &m).unwrap(), want);
+        assert_eq!(s.run_job().unwrap(), want);
         // run_begin joins the reload the last run_end started.
         s.pipeline.run_begin().unwrap();
-        let dit = s.pipeline.component("dit").unwrap();
+        let dit = s.pipeline.component("diffusion_model").unwrap();
         let expected = if reload {
             Placement::Resident
         } else {
@@ -272,7 +195,7 @@ fn reload_policy_between_runs() {
         };
         assert_eq!(dit.placement, expected, "reload {reload}");
         s.pipeline.run_end().unwrap();
-        assert_eq!(run_job(&mut s, &m).unwrap(), want);
+        assert_eq!(s.run_job().unwrap(), want);
     }
 }
 
@@ -281,7 +204,7 @@ fn sequence_errors_are_reported() {
     let m = models();
     let mut s = setup(&m, params(OffloadMode::None, 1 << 30));
     assert_eq!(
-        s.pipeline.stage_begin("te").unwrap_err().status,
+        s.pipeline.stage_begin("text_encoder").unwrap_err().status,
         Status::InvalidState
     );
     s.pipeline.run_begin().unwrap();
@@ -289,22 +212,27 @@ fn sequence_errors_are_reported() {
         s.pipeline.stage_begin("nope").unwrap_err().status,
         Status::NotFound
     );
-    s.pipeline.stage_begin("te").unwrap();
+    s.pipeline.stage_begin("text_encoder").unwrap();
     assert_eq!(
-        s.pipeline.stage_begin("dit").unwrap_err().status,
+        s.pipeline
+            .stage_begin("diffusion_model")
+            .unwrap_err()
+            .status,
         Status::InvalidState
     );
     assert_eq!(
-        s.pipeline.stage_end("dit").unwrap_err().status,
+        s.pipeline.stage_end("diffusion_model").unwrap_err().status,
         Status::InvalidState
     );
     assert_eq!(
         s.pipeline.run_end().unwrap_err().status,
         Status::InvalidState
     );
-    s.pipeline.stage_end("te").unwrap();
+    s.pipeline.stage_end("text_encoder").unwrap();
     s.pipeline.run_end().unwrap();
-    let dup = s.pipeline.add("te", Role::Other, engine_for(&m.te));
+    let dup = s
+        .pipeline
+        .add("text_encoder", Role::Other, engine_for(&m[0].model));
     assert_eq!(dup.unwrap_err().status, Status::AlreadyExists);
     let same = s.pipeline.add("again", Role::Other, s.engines[0].clone());
     assert_eq!(same.unwrap_err().status, Status::AlreadyExists);

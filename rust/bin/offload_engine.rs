@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use offload_engine::error::{Error, Result};
+use offload_engine::pipeline::OffloadMode;
 use offload_engine::planner::{self, Budget, Hparams, Link, Workload};
 use offload_engine::registry::Registry;
 use offload_engine::units::{format_bytes, parse_size};
-use offload_engine::{bench, demo};
+use offload_engine::{bench, demo, pipeline_demo};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +45,40 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: i32,
         /// Smaller model (tests, quick looks).
+        #[arg(long)]
+        tiny: bool,
+    },
+    /// Run a built-in three-stage pipeline (text encoder, diffusion model with CFG, decoder)
+    /// in each offload mode under one budget and compare outputs with the engine-free run.
+    Pipeline {
+        /// none, cond_only, cond_diffusion, aggressive, layer_streaming; default: all in turn.
+        #[arg(long)]
+        offload_mode: Option<String>,
+        /// Device memory for all components (default: the diffusion model and the decoder
+        /// fit, the text encoder does not fit beside them).
+        #[arg(long, value_parser = parse_size_arg)]
+        vram_budget: Option<u64>,
+        /// Left free on the device, in MB (subtracted from the budget).
+        #[arg(long, default_value_t = 0)]
+        streaming_min_vram: u64,
+        /// Layers copied ahead in a streamed diffusion model.
+        #[arg(long, default_value_t = 1)]
+        streaming_prefetch: u32,
+        #[arg(long, default_value_t = 4)]
+        steps: u32,
+        /// Jobs per mode (the reload policy acts between them).
+        #[arg(long, default_value_t = 2)]
+        runs: u32,
+        /// Leave an evicted diffusion model off the device between jobs.
+        #[arg(long)]
+        no_reload_diffusion: bool,
+        /// Log every component move with bytes and time.
+        #[arg(long)]
+        offload_log: bool,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        threads: i32,
         #[arg(long)]
         tiny: bool,
     },
@@ -136,6 +171,37 @@ fn main() -> ExitCode {
             threads,
             tiny,
         }),
+        Command::Pipeline {
+            offload_mode,
+            vram_budget,
+            streaming_min_vram,
+            streaming_prefetch,
+            steps,
+            runs,
+            no_reload_diffusion,
+            offload_log,
+            device,
+            threads,
+            tiny,
+        } => offload_mode
+            .as_deref()
+            .map(OffloadMode::parse)
+            .transpose()
+            .and_then(|mode| {
+                pipeline_demo::run_pipeline_demo(&pipeline_demo::PipelineDemoOptions {
+                    mode,
+                    budget: vram_budget,
+                    steps,
+                    runs,
+                    prefetch: streaming_prefetch,
+                    min_free: streaming_min_vram << 20,
+                    log_moves: offload_log,
+                    reload_diffusion: !no_reload_diffusion,
+                    device,
+                    threads,
+                    tiny,
+                })
+            }),
         Command::Bench {
             json,
             device,
