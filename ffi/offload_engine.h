@@ -317,7 +317,10 @@ int offload_engine_engine_backend(offload_engine_engine *engine, struct ggml_bac
  * otherwise the caller frees it. Calling it again between runs (no pass open) re-plans:
  * free memory is measured anew and the per-layer compute times and copy bandwidth measured
  * by earlier passes replace table values (the plan message says which figures were
- * measured). Tensors registered later than the first call are an ERR_INVALID_STATE. */
+ * measured). Tensors registered later than the first call are an ERR_INVALID_STATE.
+ * The prefetch depth is the engine's (engine params); params.prefetch_depth serves
+ * simulations. An engine that is a pipeline component is placed by its pipeline:
+ * ERR_INVALID_STATE here. */
 int offload_engine_engine_prepare(offload_engine_engine *engine, const offload_engine_plan_params *params, offload_engine_plan **plan_out);
 
 /* Measures host-to-device copy bandwidth in GB/s with copies of `bytes` (clamped to
@@ -342,6 +345,8 @@ int offload_engine_engine_layer_end(offload_engine_engine *engine, uint64_t laye
 /* Waits for in-flight copies and returns streamed layers to host memory (closes any pass). */
 int offload_engine_engine_offload_all(offload_engine_engine *engine);
 
+/* Counters of the current placement (prepare, or a pipeline's stage_begin); for an engine a
+ * pipeline has taken off the device, those of its last placement. */
 int offload_engine_engine_stats(offload_engine_engine *engine, offload_engine_stats *stats_out);
 int offload_engine_engine_layer_stats(offload_engine_engine *engine, uint64_t layer, offload_engine_layer_stats *stats_out);
 int offload_engine_engine_stats_reset(offload_engine_engine *engine);
@@ -470,7 +475,7 @@ typedef struct offload_engine_pipeline_stats {
     uint64_t load_us;
     uint64_t unload_us;
     uint64_t prefetched_loads; /* placements made ahead of their stage */
-    uint64_t device_bytes;     /* held by all components now */
+    uint64_t device_bytes;     /* held by all components now, a placement in flight included */
     uint64_t peak_device_bytes; /* weights plus the running stage's need, highest seen */
 } offload_engine_pipeline_stats;
 

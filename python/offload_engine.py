@@ -1,15 +1,23 @@
-"""ctypes bindings for the ggml-free part of liboffload_engine's C ABI (ffi/offload_engine.h):
-the version, registries of tensor descriptions (from GGUF files or by hand) and plans.
+"""ctypes bindings for liboffload_engine's C ABI (ffi/offload_engine.h): the version,
+registries of tensor descriptions (from GGUF files or by hand), plans, and streaming
+experiments on a ggml device: models loaded from GGUF files by the library itself
+(Registry.load_gguf), engines that stream their layers under a memory budget (Engine) and
+pipelines that place whole components on and off the device (Pipeline).
 
-The engine itself needs ggml tensors from the host process, so it is not wrapped here.
+Python builds no ggml graphs, so Engine.run_pass walks the layers without computing: it
+measures what streaming costs (copies, waits, bytes moved) for a model and a budget.
 
 The library is found through the OFFLOAD_ENGINE_LIB environment variable, else as
 target/debug or target/release/liboffload_engine.so of this repository (the newer one when
-both exist).
+both exist). Functions a given build does not export raise OffloadError with status
+ERR_UNSUPPORTED when called; the rest of the module keeps working.
 """
 
 import ctypes
 import os
+import weakref
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 __all__ = [
@@ -17,6 +25,13 @@ __all__ = [
     "Registry",
     "TensorInfo",
     "LayerInfo",
+    "Engine",
+    "Stats",
+    "LayerStats",
+    "Pipeline",
+    "ComponentInfo",
+    "PipelineStats",
+    "has_function",
     "plan",
     "status_str",
     "version",
@@ -24,11 +39,28 @@ __all__ = [
 
 # offload_engine_status
 OK = 0
+ERR_INVALID_ARGUMENT = 1
+ERR_NULL_POINTER = 2
+ERR_INVALID_HANDLE = 3
+ERR_NOT_FOUND = 4
+ERR_ALREADY_EXISTS = 5
+ERR_IO = 6
+ERR_CORRUPT_FILE = 7
 ERR_INSUFFICIENT_MEMORY = 8
+ERR_BACKEND = 9
+ERR_INVALID_STATE = 10
+ERR_INTERNAL = 11
+ERR_UNSUPPORTED = 12
+ERR_OUT_OF_MEMORY = 13
 
 LOCATIONS = {0: "host", 1: "pinned", 2: "device", 3: "file"}
 PLAN_MODES = {0: "full", 1: "streaming", 2: "insufficient"}
 
+# Pipelines (offload_engine_offload_mode, _component_role, _placement_override, _placement)
+OFFLOAD_MODES = {"none": 0, "cond_only": 1, "cond_diffusion": 2, "aggressive": 3, "layer_streaming": 4}
+ROLES = {"conditioner": 0, "diffusion": 1, "decoder": 2, "adapter": 3, "control": 4, "other": 5}
+OVERRIDES = {"auto": 0, "keep": 1, "offload": 2}
+PLACEMENTS = {0: "off", 1: "resident", 2: "streaming"}
 
 class OffloadError(Exception):
     """A failed call: `status` is the offload_engine_status code, `message` the engine's
@@ -112,6 +144,109 @@ class _PlanSummary(ctypes.Structure):
     ]
 
 
+class _EngineParams(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("device", ctypes.c_char_p),
+        ("budget_bytes", ctypes.c_uint64),
+        ("min_free_bytes", ctypes.c_uint64),
+        ("safety_fraction", ctypes.c_double),
+        ("prefetch_depth", ctypes.c_uint32),
+        ("compute_threads", ctypes.c_int),
+        ("trace", ctypes.c_int),
+        ("pinned_limit_bytes", ctypes.c_uint64),
+    ]
+
+
+class _Stats(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("passes", ctypes.c_uint64),
+        ("layer_loads", ctypes.c_uint64),
+        ("bytes_copied", ctypes.c_uint64),
+        ("copy_us", ctypes.c_uint64),
+        ("wait_us", ctypes.c_uint64),
+        ("compute_us", ctypes.c_uint64),
+        ("prefetch_hits", ctypes.c_uint64),
+        ("prefetch_misses", ctypes.c_uint64),
+        ("arena_bytes", ctypes.c_uint64),
+        ("arena_peak_bytes", ctypes.c_uint64),
+    ]
+
+
+class _LayerStats(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("resident", ctypes.c_int),
+        ("loads", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("wait_us", ctypes.c_uint64),
+        ("compute_us", ctypes.c_uint64),
+        ("evict_us", ctypes.c_uint64),
+    ]
+
+
+class _PipelineParams(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("offload_mode", ctypes.c_int),
+        ("budget_bytes", ctypes.c_uint64),
+        ("min_free_bytes", ctypes.c_uint64),
+        ("margin_bytes", ctypes.c_uint64),
+        ("prefetch_depth", ctypes.c_uint32),
+        ("steps", ctypes.c_uint32),
+        ("passes_per_step", ctypes.c_uint32),
+        ("reload_diffusion", ctypes.c_int),
+        ("log_moves", ctypes.c_int),
+    ]
+
+
+class _ComponentInfo(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("name", ctypes.c_char_p),
+        ("role", ctypes.c_int),
+        ("placement", ctypes.c_int),
+        ("device_bytes", ctypes.c_uint64),
+        ("resident_bytes", ctypes.c_uint64),
+        ("stage_need_bytes", ctypes.c_uint64),
+        ("loads", ctypes.c_uint64),
+        ("unloads", ctypes.c_uint64),
+        ("streamed_layers", ctypes.c_uint64),
+    ]
+
+
+class _PipelineStats(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("budget_bytes", ctypes.c_uint64),
+        ("loads", ctypes.c_uint64),
+        ("unloads", ctypes.c_uint64),
+        ("bytes_loaded", ctypes.c_uint64),
+        ("load_us", ctypes.c_uint64),
+        ("unload_us", ctypes.c_uint64),
+        ("prefetched_loads", ctypes.c_uint64),
+        ("device_bytes", ctypes.c_uint64),
+        ("peak_device_bytes", ctypes.c_uint64),
+    ]
+
+
+# The header's struct names, for checks against a C compiler's sizeof/offsetof.
+C_STRUCTS = {
+    "offload_engine_registry_params": _RegistryParams,
+    "offload_engine_tensor_info": _TensorInfo,
+    "offload_engine_layer_info": _LayerInfo,
+    "offload_engine_plan_params": _PlanParams,
+    "offload_engine_plan_summary": _PlanSummary,
+    "offload_engine_engine_params": _EngineParams,
+    "offload_engine_stats": _Stats,
+    "offload_engine_layer_stats": _LayerStats,
+    "offload_engine_pipeline_params": _PipelineParams,
+    "offload_engine_component_info": _ComponentInfo,
+    "offload_engine_pipeline_stats": _PipelineStats,
+}
+
+
 # ---------------------------------------------------------------------------------------
 # Loading the library
 # ---------------------------------------------------------------------------------------
@@ -141,32 +276,35 @@ _lib = None
 def _library():
     global _lib
     if _lib is None:
-        _lib = _declare(ctypes.CDLL(str(_library_path())))
+        path = _library_path()
+        _lib = _declare(ctypes.CDLL(str(path)), path)
     return _lib
 
 
-def _declare(lib):
+def _signatures():
     P = ctypes.POINTER
-    u64, size_t, c_int = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int
+    u64, size_t, c_int, c_double = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, ctypes.c_double
+    text = ctypes.c_char_p
     handle = ctypes.c_void_p
-    signatures = {
-        "offload_engine_version": (ctypes.c_char_p, []),
-        "offload_engine_status_str": (ctypes.c_char_p, [c_int]),
-        "offload_engine_last_error": (ctypes.c_char_p, []),
+    return {
+        "offload_engine_version": (text, []),
+        "offload_engine_status_str": (text, [c_int]),
+        "offload_engine_last_error": (text, []),
         "offload_engine_registry_params_init": (None, [P(_RegistryParams)]),
         "offload_engine_registry_new": (c_int, [P(_RegistryParams), P(handle)]),
         "offload_engine_registry_free": (None, [handle]),
-        "offload_engine_registry_add_gguf": (c_int, [handle, ctypes.c_char_p, P(size_t)]),
+        "offload_engine_registry_add_gguf": (c_int, [handle, text, P(size_t)]),
+        "offload_engine_registry_load_gguf": (c_int, [handle, text, c_int, P(size_t)]),
         "offload_engine_registry_add_descriptor": (
             c_int,
-            [handle, ctypes.c_char_p, c_int, c_int, P(ctypes.c_int64), P(u64)],
+            [handle, text, c_int, c_int, P(ctypes.c_int64), P(u64)],
         ),
         "offload_engine_registry_tensor_count": (c_int, [handle, P(size_t)]),
         "offload_engine_registry_layer_count": (c_int, [handle, P(size_t)]),
         "offload_engine_registry_global_bytes": (c_int, [handle, P(u64)]),
         "offload_engine_registry_total_bytes": (c_int, [handle, P(u64)]),
-        "offload_engine_registry_architecture": (c_int, [handle, P(ctypes.c_char_p)]),
-        "offload_engine_registry_find": (c_int, [handle, ctypes.c_char_p, P(u64)]),
+        "offload_engine_registry_architecture": (c_int, [handle, P(text)]),
+        "offload_engine_registry_find": (c_int, [handle, text, P(u64)]),
         "offload_engine_registry_tensor_info": (c_int, [handle, u64, P(_TensorInfo)]),
         "offload_engine_registry_layer_info": (c_int, [handle, u64, P(_LayerInfo)]),
         "offload_engine_registry_layer_tensors": (c_int, [handle, u64, P(u64), size_t, P(size_t)]),
@@ -175,13 +313,73 @@ def _declare(lib):
         "offload_engine_plan_free": (None, [handle]),
         "offload_engine_plan_get_summary": (c_int, [handle, P(_PlanSummary)]),
         "offload_engine_plan_layer_resident": (c_int, [handle, u64, P(c_int)]),
-        "offload_engine_plan_message": (ctypes.c_char_p, [handle]),
+        "offload_engine_plan_message": (text, [handle]),
+        "offload_engine_engine_params_init": (None, [P(_EngineParams)]),
+        "offload_engine_engine_new": (c_int, [P(_EngineParams), handle, P(handle)]),
+        "offload_engine_engine_free": (None, [handle]),
+        "offload_engine_engine_prepare": (c_int, [handle, P(_PlanParams), P(handle)]),
+        "offload_engine_engine_measure_link": (c_int, [handle, u64, P(c_double), P(c_double)]),
+        "offload_engine_engine_pass_begin": (c_int, [handle]),
+        "offload_engine_engine_pass_end": (c_int, [handle]),
+        "offload_engine_engine_layer_begin": (c_int, [handle, u64]),
+        "offload_engine_engine_layer_end": (c_int, [handle, u64]),
+        "offload_engine_engine_offload_all": (c_int, [handle]),
+        "offload_engine_engine_stats": (c_int, [handle, P(_Stats)]),
+        "offload_engine_engine_layer_stats": (c_int, [handle, u64, P(_LayerStats)]),
+        "offload_engine_engine_stats_reset": (c_int, [handle]),
+        "offload_engine_engine_trace_write": (c_int, [handle, text]),
+        "offload_engine_engine_tensor_set": (c_int, [handle, text, ctypes.c_void_p, u64, u64]),
+        "offload_engine_pipeline_params_init": (None, [P(_PipelineParams)]),
+        "offload_engine_pipeline_new": (c_int, [P(_PipelineParams), P(handle)]),
+        "offload_engine_pipeline_free": (None, [handle]),
+        "offload_engine_pipeline_add": (c_int, [handle, text, c_int, handle]),
+        "offload_engine_pipeline_set_override": (c_int, [handle, text, c_int]),
+        "offload_engine_pipeline_set_stage_need": (c_int, [handle, text, u64]),
+        "offload_engine_pipeline_run_begin": (c_int, [handle]),
+        "offload_engine_pipeline_run_end": (c_int, [handle]),
+        "offload_engine_pipeline_stage_begin": (c_int, [handle, text]),
+        "offload_engine_pipeline_stage_end": (c_int, [handle, text]),
+        "offload_engine_pipeline_component_info": (c_int, [handle, text, P(_ComponentInfo)]),
+        "offload_engine_pipeline_get_stats": (c_int, [handle, P(_PipelineStats)]),
     }
-    for name, (restype, argtypes) in signatures.items():
-        function = getattr(lib, name)
-        function.restype = restype
-        function.argtypes = argtypes
-    return lib
+
+
+class _Library:
+    """The loaded library with every function declared. A function this build does not
+    export raises OffloadError(ERR_UNSUPPORTED) when called."""
+
+    def __init__(self, cdll, path):
+        self.path = path
+        self.missing = []
+        for name, (restype, argtypes) in _signatures().items():
+            try:
+                function = getattr(cdll, name)
+            except AttributeError:
+                self.missing.append(name)
+                function = _missing_function(name, path)
+            else:
+                function.restype = restype
+                function.argtypes = argtypes
+            setattr(self, name, function)
+
+    def has(self, name):
+        return name not in self.missing
+
+
+def _missing_function(name, path):
+    def missing(*_args):
+        raise OffloadError(ERR_UNSUPPORTED, f"{path} does not export {name} (an older build?)")
+
+    return missing
+
+
+def _declare(cdll, path):
+    return _Library(cdll, path)
+
+
+def has_function(name):
+    """Whether the loaded library exports `name` (e.g. "offload_engine_pipeline_new")."""
+    return _library().has(name)
 
 
 def _check(status):
@@ -194,6 +392,10 @@ def _text(value):
     return value.decode("utf-8", "replace") if value is not None else None
 
 
+def _encode(value):
+    return value.encode() if value is not None else None
+
+
 def version():
     """The library version, e.g. "0.1.0"."""
     return _text(_library().offload_engine_version())
@@ -202,6 +404,40 @@ def version():
 def status_str(status):
     """Short description of a status code."""
     return _text(_library().offload_engine_status_str(status))
+
+
+class _Handle:
+    """An owned library handle: closed by close(), the context manager or the collector."""
+
+    _handle = None
+    _free_function = None  # name of the library's _free
+    _kind = "handle"
+
+    def close(self):
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            getattr(_library(), self._free_function)(handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        # The library may already be gone at interpreter shutdown.
+        if _lib is not None:
+            self.close()
+
+    @property
+    def closed(self):
+        return self._handle is None
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise ValueError(f"the {self._kind} is closed")
+        return self._handle
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,55 +478,56 @@ class LayerInfo:
         return f"LayerInfo({self.index}, {self.name!r}, bytes={self.bytes}, tensors={len(self.tensor_ids)})"
 
 
-class Registry:
+class Registry(_Handle):
     """The tensors of a model, grouped into layers. `pattern`: a built-in pattern name or a
     regex (see the header); None detects the architecture from the names."""
+
+    _free_function = "offload_engine_registry_free"
+    _kind = "registry"
 
     def __init__(self, pattern=None):
         lib = _library()
         params = _RegistryParams()
         lib.offload_engine_registry_params_init(ctypes.byref(params))
-        params.pattern = pattern.encode() if pattern is not None else None
+        params.pattern = _encode(pattern)
         handle = ctypes.c_void_p()
         _check(lib.offload_engine_registry_new(ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
 
     @classmethod
-    def from_gguf(cls, path, pattern=None):
+    def from_gguf(cls, path, pattern=None, load=False, file_backed=False):
+        """A registry of the tensors `path` describes. With `load` the library also reads
+        them into ggml tensors an Engine can stream (see load_gguf); without, the registry
+        holds descriptions only (inspection and planning)."""
         registry = cls(pattern)
         try:
-            registry.add_gguf(path)
+            if load or file_backed:
+                registry.load_gguf(path, file_backed=file_backed)
+            else:
+                registry.add_gguf(path)
         except BaseException:
             registry.close()
             raise
         return registry
 
-    def close(self):
-        if self._handle is not None:
-            _library().offload_engine_registry_free(self._handle)
-            self._handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        # The library may already be gone at interpreter shutdown.
-        if _lib is not None:
-            self.close()
-
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise ValueError("the registry is closed")
-        return self._handle
-
     def add_gguf(self, path):
-        """Registers every tensor a GGUF file describes; returns how many."""
+        """Registers every tensor a GGUF file describes (no data: planning only); returns
+        how many."""
         count = ctypes.c_size_t()
         _check(_library().offload_engine_registry_add_gguf(self.handle, os.fsencode(path), ctypes.byref(count)))
+        return count.value
+
+    def load_gguf(self, path, file_backed=False):
+        """Reads a GGUF file's tensors into ggml tensors the registry owns, so an Engine can
+        stream them; returns how many. `file_backed`: the tensors hold no data and each
+        layer streams from the file when it runs (the disk tier). A damaged file raises
+        OffloadError with ERR_CORRUPT_FILE and registers nothing."""
+        count = ctypes.c_size_t()
+        _check(
+            _library().offload_engine_registry_load_gguf(
+                self.handle, os.fsencode(path), 1 if file_backed else 0, ctypes.byref(count)
+            )
+        )
         return count.value
 
     def add_descriptor(self, name, ggml_type, shape):
@@ -367,6 +604,66 @@ class Registry:
 # ---------------------------------------------------------------------------------------
 
 
+def _plan_params(
+    free_bytes=0,
+    steps=1,
+    passes_per_step=1,
+    prefetch=None,
+    link=None,
+    link_gbps=None,
+    min_free_bytes=None,
+    safety_fraction=None,
+    compute_reserve_bytes=0,
+    persistent_bytes=0,
+    total_bytes=None,
+):
+    """offload_engine_plan_params from the library's defaults and the given overrides."""
+    params = _PlanParams()
+    _library().offload_engine_plan_params_init(ctypes.byref(params))
+    params.free_bytes = free_bytes
+    params.steps = steps
+    params.passes_per_step = passes_per_step
+    if prefetch is not None:
+        params.prefetch_depth = prefetch
+    params.link = _encode(link)
+    if link_gbps is not None:
+        params.link_gbps = link_gbps
+    params.compute_reserve_bytes = compute_reserve_bytes
+    params.persistent_bytes = persistent_bytes
+    if total_bytes is not None:
+        params.total_bytes = total_bytes
+    if min_free_bytes is not None:
+        params.min_free_bytes = min_free_bytes
+    if safety_fraction is not None:
+        params.safety_fraction = safety_fraction
+    return params
+
+
+def _summarize(handle):
+    """The summary dict of a live plan handle (see plan())."""
+    lib = _library()
+    raw = _PlanSummary(size=ctypes.sizeof(_PlanSummary))
+    _check(lib.offload_engine_plan_get_summary(handle, ctypes.byref(raw)))
+    summary = {name: getattr(raw, name) for name, _ in _PlanSummary._fields_ if name != "size"}
+    summary["mode"] = PLAN_MODES.get(raw.mode, str(raw.mode))
+    layer_count = raw.resident_layer_count + raw.streamed_layer_count
+    resident = ctypes.c_int()
+    summary["resident_layers"] = []
+    for layer in range(layer_count):
+        _check(lib.offload_engine_plan_layer_resident(handle, layer, ctypes.byref(resident)))
+        summary["resident_layers"].append(bool(resident.value))
+    summary["message"] = _text(lib.offload_engine_plan_message(handle))
+    return summary
+
+
+def _take_plan(handle):
+    """Summarizes a plan handle the caller owns, then frees it."""
+    try:
+        return _summarize(handle)
+    finally:
+        _library().offload_engine_plan_free(handle)
+
+
 def plan(
     registry,
     free_bytes,
@@ -383,33 +680,442 @@ def plan(
     plus "resident_layers" (a bool per layer) and "message". An impossible budget raises
     OffloadError with status ERR_INSUFFICIENT_MEMORY and the engine's explanation.
     `min_free_bytes` and `safety_fraction` default to the library's margins."""
-    lib = _library()
-    params = _PlanParams()
-    lib.offload_engine_plan_params_init(ctypes.byref(params))
-    params.free_bytes = free_bytes
-    params.steps = steps
-    params.passes_per_step = passes_per_step
-    params.prefetch_depth = prefetch
-    params.link = link.encode() if link is not None else None
-    params.compute_reserve_bytes = compute_reserve_bytes
-    if min_free_bytes is not None:
-        params.min_free_bytes = min_free_bytes
-    if safety_fraction is not None:
-        params.safety_fraction = safety_fraction
+    params = _plan_params(
+        free_bytes,
+        steps=steps,
+        passes_per_step=passes_per_step,
+        prefetch=prefetch,
+        link=link,
+        min_free_bytes=min_free_bytes,
+        safety_fraction=safety_fraction,
+        compute_reserve_bytes=compute_reserve_bytes,
+    )
     handle = ctypes.c_void_p()
-    _check(lib.offload_engine_plan_new(registry.handle, ctypes.byref(params), ctypes.byref(handle)))
+    _check(_library().offload_engine_plan_new(registry.handle, ctypes.byref(params), ctypes.byref(handle)))
+    return _take_plan(handle)
+
+
+# ---------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------
+
+
+def _from_struct(cls, raw, **converted):
+    values = {field.name: getattr(raw, field.name) for field in fields(cls)}
+    values.update(converted)
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """offload_engine_stats: counters since the engine was prepared or last reset."""
+
+    passes: int
+    layer_loads: int
+    bytes_copied: int
+    copy_us: int
+    wait_us: int
+    compute_us: int
+    prefetch_hits: int
+    prefetch_misses: int
+    arena_bytes: int
+    arena_peak_bytes: int
+
+    def asdict(self):
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """offload_engine_layer_stats: one layer's counters."""
+
+    resident: bool
+    loads: int
+    bytes: int
+    wait_us: int
+    compute_us: int
+    evict_us: int
+
+    def asdict(self):
+        return asdict(self)
+
+
+class Engine(_Handle):
+    """Streams a loaded registry's layers onto a ggml device under a memory budget.
+
+    `registry` must hold tensors with data or a file behind them (Registry.load_gguf).
+    `device`: a ggml device name ("CPU", "CUDA0", ...; None: the first GPU, else the CPU).
+    `budget_bytes`: device memory the engine may use (0: measure the device's free memory;
+    the CPU device reports system RAM, so give a budget there). The other arguments default
+    to the library's values (offload_engine_engine_params_init).
+
+        with oe.Registry() as registry:
+            registry.load_gguf("model.gguf")
+            with oe.Engine(registry, device="CPU", budget_bytes=2 << 30) as engine:
+                print(engine.prepare()["mode"])
+                engine.run_pass()
+                print(engine.stats())
+    """
+
+    _free_function = "offload_engine_engine_free"
+    _kind = "engine"
+
+    def __init__(
+        self,
+        registry,
+        device=None,
+        budget_bytes=0,
+        min_free_bytes=None,
+        safety_fraction=None,
+        prefetch=None,
+        compute_threads=None,
+        trace=False,
+        pinned_limit_bytes=None,
+    ):
+        lib = _library()
+        params = _EngineParams()
+        lib.offload_engine_engine_params_init(ctypes.byref(params))
+        params.device = _encode(device)
+        params.budget_bytes = budget_bytes
+        if min_free_bytes is not None:
+            params.min_free_bytes = min_free_bytes
+        if safety_fraction is not None:
+            params.safety_fraction = safety_fraction
+        if prefetch is not None:
+            params.prefetch_depth = prefetch
+        if compute_threads is not None:
+            params.compute_threads = compute_threads
+        params.trace = 1 if trace else 0
+        if pinned_limit_bytes is not None:
+            params.pinned_limit_bytes = pinned_limit_bytes
+        # The engine works on its own copy of the registry: the layer count is fixed now.
+        layer_count = registry.layer_count
+        handle = ctypes.c_void_p()
+        _check(lib.offload_engine_engine_new(ctypes.byref(params), registry.handle, ctypes.byref(handle)))
+        self._handle = handle
+        self.layer_count = layer_count
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self.prefetch = prefetch
+        self._plan = None
+        self._pipeline = None  # weak reference to the open Pipeline that plans this engine
+
+    def prepare(
+        self,
+        free_bytes=0,
+        steps=1,
+        passes_per_step=1,
+        link=None,
+        link_gbps=None,
+        min_free_bytes=None,
+        safety_fraction=None,
+        compute_reserve_bytes=0,
+        persistent_bytes=0,
+    ):
+        """Plans (free_bytes 0: the engine's budget or the device's free memory), allocates
+        the device arena and places the resident layers. Returns the plan summary as plan()
+        does. Calling it again between passes re-plans with measured figures. An impossible
+        budget raises OffloadError with ERR_INSUFFICIENT_MEMORY. The prefetch depth is the
+        engine's (its `prefetch` argument)."""
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        if pipeline is not None and not pipeline.closed:
+            raise ValueError("the engine is a pipeline component: the pipeline plans it")
+        params = _plan_params(
+            free_bytes,
+            steps=steps,
+            passes_per_step=passes_per_step,
+            prefetch=self.prefetch,
+            link=link,
+            link_gbps=link_gbps,
+            min_free_bytes=min_free_bytes,
+            safety_fraction=safety_fraction,
+            compute_reserve_bytes=compute_reserve_bytes,
+            persistent_bytes=persistent_bytes,
+        )
+        plan_handle = ctypes.c_void_p()
+        _check(
+            _library().offload_engine_engine_prepare(self.handle, ctypes.byref(params), ctypes.byref(plan_handle))
+        )
+        self._plan = _take_plan(plan_handle)
+        return self._plan
+
+    @property
+    def plan(self):
+        """The summary the last prepare() returned (None before)."""
+        return self._plan
+
+    def _call(self, name, *args):
+        _check(getattr(_library(), name)(self.handle, *args))
+
+    def pass_begin(self):
+        self._call("offload_engine_engine_pass_begin")
+
+    def pass_end(self):
+        self._call("offload_engine_engine_pass_end")
+
+    def layer_begin(self, layer):
+        """Waits for `layer`'s copy when it is late and points its tensors at the device."""
+        self._call("offload_engine_engine_layer_begin", layer)
+
+    def layer_end(self, layer):
+        self._call("offload_engine_engine_layer_end", layer)
+
+    def offload_all(self):
+        """Waits for copies in flight and returns streamed layers to host memory (closes any
+        open pass)."""
+        self._call("offload_engine_engine_offload_all")
+
+    def run_pass(self, compute=None):
+        """One forward pass with no compute: pass_begin, layer_begin/layer_end for every
+        layer in order, pass_end. With `compute`, calls compute(layer) between each layer's
+        begin and end (a sleep, say, to stand in for the layer's compute time). On an error
+        the pass is abandoned (offload_all) and the error raised."""
+        self.pass_begin()
+        try:
+            for layer in range(self.layer_count):
+                self.layer_begin(layer)
+                if compute is not None:
+                    compute(layer)
+                self.layer_end(layer)
+            self.pass_end()
+        except BaseException:
+            _quietly(self.offload_all)
+            raise
+
+    def run_passes(self, count, compute=None):
+        for _ in range(count):
+            self.run_pass(compute)
+
+    def stats(self):
+        """The engine's counters (Stats)."""
+        raw = _Stats(size=ctypes.sizeof(_Stats))
+        self._call("offload_engine_engine_stats", ctypes.byref(raw))
+        return _from_struct(Stats, raw)
+
+    def layer_stats(self, layer):
+        """One layer's counters (LayerStats); a layer out of range is ERR_NOT_FOUND."""
+        raw = _LayerStats(size=ctypes.sizeof(_LayerStats))
+        self._call("offload_engine_engine_layer_stats", layer, ctypes.byref(raw))
+        return _from_struct(LayerStats, raw, resident=bool(raw.resident))
+
+    def reset_stats(self):
+        self._call("offload_engine_engine_stats_reset")
+
+    def write_trace(self, path):
+        """Writes the recorded timeline as Chrome trace-event JSON (the engine needs
+        trace=True; otherwise ERR_INVALID_STATE)."""
+        self._call("offload_engine_engine_trace_write", os.fsencode(path))
+
+    def measure_link(self, nbytes=64 << 20):
+        """Host-to-device copy bandwidth in GB/s, as (pageable, pinned); pinned is 0.0 where
+        the device has no pinned memory. `nbytes` is clamped to 1 MiB..1 GiB."""
+        pageable, pinned = ctypes.c_double(), ctypes.c_double()
+        self._call("offload_engine_engine_measure_link", nbytes, ctypes.byref(pageable), ctypes.byref(pinned))
+        return pageable.value, pinned.value
+
+    def set_tensor(self, name, data, offset=0):
+        """Writes the bytes of `data` (any C-contiguous bytes-like object) at byte `offset`
+        of tensor `name`: host memory, staging copy and, for a resident layer, the device
+        copy. Not while a pass is open (ERR_INVALID_STATE); a file-backed tensor is
+        ERR_UNSUPPORTED."""
+        if isinstance(data, bytes):
+            pointer, size = data, len(data)
+        else:
+            view = memoryview(data)
+            if not view.c_contiguous:
+                raise ValueError("set_tensor needs a C-contiguous buffer")
+            view = view.cast("B")
+            size = view.nbytes
+            if view.readonly:
+                pointer = view.tobytes()
+            elif size:
+                pointer = ctypes.addressof(ctypes.c_char.from_buffer(view))
+            else:
+                pointer = None
+        self._call("offload_engine_engine_tensor_set", name.encode(), pointer, offset, size)
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelines
+# ---------------------------------------------------------------------------------------
+
+
+def _quietly(function, *args):
     try:
-        raw = _PlanSummary(size=ctypes.sizeof(_PlanSummary))
-        _check(lib.offload_engine_plan_get_summary(handle, ctypes.byref(raw)))
-        summary = {name: getattr(raw, name) for name, _ in _PlanSummary._fields_ if name != "size"}
-        summary["mode"] = PLAN_MODES.get(raw.mode, str(raw.mode))
-        layer_count = raw.resident_layer_count + raw.streamed_layer_count
-        resident = ctypes.c_int()
-        summary["resident_layers"] = []
-        for layer in range(layer_count):
-            _check(lib.offload_engine_plan_layer_resident(handle, layer, ctypes.byref(resident)))
-            summary["resident_layers"].append(bool(resident.value))
-        summary["message"] = _text(lib.offload_engine_plan_message(handle))
-        return summary
-    finally:
-        lib.offload_engine_plan_free(handle)
+        function(*args)
+    except OffloadError:
+        pass
+
+
+def _enum(table, value, what):
+    if isinstance(value, str):
+        try:
+            return table[value]
+        except KeyError:
+            raise ValueError(f"unknown {what} {value!r}: one of {', '.join(table)}") from None
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """offload_engine_component_info: where one pipeline component is and what it moved."""
+
+    name: str
+    role: str
+    placement: str
+    device_bytes: int
+    resident_bytes: int
+    stage_need_bytes: int
+    loads: int
+    unloads: int
+    streamed_layers: int
+
+    def asdict(self):
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PipelineStats:
+    """offload_engine_pipeline_stats."""
+
+    budget_bytes: int
+    loads: int
+    unloads: int
+    bytes_loaded: int
+    load_us: int
+    unload_us: int
+    prefetched_loads: int
+    device_bytes: int
+    peak_device_bytes: int
+
+    def asdict(self):
+        return asdict(self)
+
+
+class Pipeline(_Handle):
+    """Whole components (engines) placed on and off one device between the stages of a job.
+
+    `offload_mode`: "none", "cond_only", "cond_diffusion", "aggressive" or
+    "layer_streaming" (or the enum's number). Other arguments default to the library's
+    values (offload_engine_pipeline_params_init).
+
+        with oe.Pipeline("aggressive", budget_bytes=budget) as pipeline:
+            pipeline.add("te", "conditioner", text_encoder)
+            pipeline.add("dit", "diffusion", dit)
+            with pipeline.run():
+                with pipeline.stage("te"):
+                    text_encoder.run_pass()
+                with pipeline.stage("dit"):
+                    dit.run_passes(20)
+    """
+
+    _free_function = "offload_engine_pipeline_free"
+    _kind = "pipeline"
+
+    def __init__(
+        self,
+        offload_mode=None,
+        budget_bytes=None,
+        min_free_bytes=None,
+        margin_bytes=None,
+        prefetch=None,
+        steps=None,
+        passes_per_step=None,
+        reload_diffusion=None,
+        log_moves=None,
+    ):
+        lib = _library()
+        params = _PipelineParams()
+        lib.offload_engine_pipeline_params_init(ctypes.byref(params))
+        if offload_mode is not None:
+            params.offload_mode = _enum(OFFLOAD_MODES, offload_mode, "offload mode")
+        for name, value in [
+            ("budget_bytes", budget_bytes),
+            ("min_free_bytes", min_free_bytes),
+            ("margin_bytes", margin_bytes),
+            ("prefetch_depth", prefetch),
+            ("steps", steps),
+            ("passes_per_step", passes_per_step),
+        ]:
+            if value is not None:
+                setattr(params, name, value)
+        if reload_diffusion is not None:
+            params.reload_diffusion = 1 if reload_diffusion else 0
+        if log_moves is not None:
+            params.log_moves = 1 if log_moves else 0
+        handle = ctypes.c_void_p()
+        _check(lib.offload_engine_pipeline_new(ctypes.byref(params), ctypes.byref(handle)))
+        self._handle = handle
+        self.components = {}
+
+    def _call(self, name, *args):
+        _check(getattr(_library(), name)(self.handle, *args))
+
+    def add(self, name, role, engine):
+        """Adds `engine` as component `name`; add components in the order their stages run.
+        `role`: "conditioner", "diffusion", "decoder", "adapter", "control" or "other". The
+        pipeline plans the engine from now on: do not call its prepare()."""
+        self._call("offload_engine_pipeline_add", name.encode(), _enum(ROLES, role, "role"), engine.handle)
+        self.components[name] = engine
+        engine._pipeline = weakref.ref(self)
+
+    def set_override(self, name, override):
+        """"auto", "keep" (never leaves the device) or "offload" (leaves after its stage)."""
+        self._call("offload_engine_pipeline_set_override", name.encode(), _enum(OVERRIDES, override, "override"))
+
+    def set_stage_need(self, name, nbytes):
+        """Device memory the component's stage needs besides its weights."""
+        self._call("offload_engine_pipeline_set_stage_need", name.encode(), nbytes)
+
+    def run_begin(self):
+        self._call("offload_engine_pipeline_run_begin")
+
+    def run_end(self):
+        self._call("offload_engine_pipeline_run_end")
+
+    def stage_begin(self, name):
+        self._call("offload_engine_pipeline_stage_begin", name.encode())
+
+    def stage_end(self, name):
+        self._call("offload_engine_pipeline_stage_end", name.encode())
+
+    @contextmanager
+    def run(self):
+        """run_begin ... run_end around a job. When the body raises, run_end is still
+        called (its own error dropped) so the pipeline stays usable."""
+        self.run_begin()
+        try:
+            yield self
+        except BaseException:
+            _quietly(self.run_end)
+            raise
+        self.run_end()
+
+    @contextmanager
+    def stage(self, name):
+        """stage_begin ... stage_end around one component's stage; yields the component's
+        engine. When the body raises, stage_end is still called (its own error dropped)."""
+        self.stage_begin(name)
+        try:
+            yield self.components.get(name)
+        except BaseException:
+            _quietly(self.stage_end, name)
+            raise
+        self.stage_end(name)
+
+    def component_info(self, name):
+        raw = _ComponentInfo(size=ctypes.sizeof(_ComponentInfo))
+        self._call("offload_engine_pipeline_component_info", name.encode(), ctypes.byref(raw))
+        roles = {number: role for role, number in ROLES.items()}
+        return _from_struct(
+            ComponentInfo,
+            raw,
+            name=_text(raw.name),
+            role=roles.get(raw.role, str(raw.role)),
+            placement=PLACEMENTS.get(raw.placement, str(raw.placement)),
+        )
+
+    def stats(self):
+        raw = _PipelineStats(size=ctypes.sizeof(_PipelineStats))
+        self._call("offload_engine_pipeline_get_stats", ctypes.byref(raw))
+        return _from_struct(PipelineStats, raw)

@@ -67,6 +67,10 @@ pub struct Engine {
     measured: Option<Measured>,
     profile: bool,
     pass_started: Option<Instant>,
+    /// The counters of the last placement, kept when the engine leaves the device.
+    released_stats: Option<StreamStats>,
+    /// A pipeline places this engine; the host must not prepare it itself.
+    managed: bool,
 }
 
 // SAFETY: the engine's raw pointers are the host's registered tensors and ggml objects it
@@ -124,6 +128,8 @@ impl Engine {
             reserve_bytes: 0,
             measured: None,
             pass_started: None,
+            released_stats: None,
+            managed: false,
         })
     }
 
@@ -190,7 +196,9 @@ impl Engine {
                 "cannot take the engine off the device while a pass is open (end it first)",
             ));
         }
-        self.measured = Measured::from_stats(&streamer.stats()).or(self.measured.take());
+        let stats = streamer.stats();
+        self.measured = Measured::from_stats(&stats).or(self.measured.take());
+        self.released_stats = Some(stats);
         let freed = streamer.arena_bytes();
         self.streamer = None;
         self.plan = None;
@@ -637,11 +645,22 @@ impl Engine {
         Ok(())
     }
 
+    /// The current placement's counters; off the device, those of the last placement.
     pub fn stats(&self) -> Result<StreamStats> {
         self.streamer
             .as_ref()
             .map(Streamer::stats)
+            .or_else(|| self.released_stats.clone())
             .ok_or_else(|| Error::state("the engine has no plan yet (call prepare first)"))
+    }
+
+    /// Marks the engine as placed by a pipeline (the host's own `prepare` is then refused).
+    pub fn set_managed(&mut self, managed: bool) {
+        self.managed = managed;
+    }
+
+    pub fn is_managed(&self) -> bool {
+        self.managed
     }
 
     pub fn reset_stats(&mut self) -> Result<()> {

@@ -1001,7 +1001,14 @@ pub extern "C" fn offload_engine_engine_prepare(
 ) -> c_int {
     boundary(|| {
         let mut e = engine(handle)?;
-        let (mut budget_from_params, workload, link) = plan_inputs(params)?;
+        if e.is_managed() {
+            return Err(Error::state(
+                "this engine is a pipeline component: the pipeline places it (stage_begin)",
+            ));
+        }
+        let (mut budget_from_params, mut workload, link) = plan_inputs(params)?;
+        // The engine's own depth; the plan params' depth is for simulations.
+        workload.prefetch_depth = e.params().prefetch_depth;
         if budget_from_params.free_bytes > 0 && e.params().budget_bytes.is_none() {
             e.set_budget(budget_from_params.free_bytes);
         }

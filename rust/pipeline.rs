@@ -408,6 +408,7 @@ impl Pipeline {
             }
             // The pipeline plans it from now on.
             e.release()?;
+            e.set_managed(true);
         }
         self.components.push(Component {
             name: name.to_string(),
@@ -511,9 +512,17 @@ impl Pipeline {
                 .iter()
                 .position(|c| c.role == Role::Diffusion && c.placement == Placement::Off)
             {
-                // Only into free room: a reload never pushes another component out.
+                // Only into free room, and only if the next job's first stage will not push
+                // it straight out again.
                 let bytes = self.resident_bytes(i)?;
-                if self.free(Some(i)) >= bytes.saturating_add(self.params.margin_bytes) {
+                let first_stage = match self.components[0].placement {
+                    Placement::Off if i != 0 => self.stage_bytes(0)?,
+                    _ => 0,
+                };
+                let wanted = bytes
+                    .saturating_add(first_stage)
+                    .saturating_add(self.params.margin_bytes);
+                if self.free(Some(i)) >= wanted {
                     self.start_background(i, bytes, "reload after the run");
                 } else {
                     self.log(format_args!(
@@ -894,6 +903,7 @@ impl Drop for Pipeline {
         for c in &self.components {
             if let Ok(mut engine) = lock_engine(&c.engine, &c.name) {
                 let _ = engine.release();
+                engine.set_managed(false);
             }
         }
     }

@@ -295,9 +295,36 @@ fn registry_loads_gguf_weights_in_memory_or_from_the_file() {
         let mut r = Registry::new(None);
         r.add_gguf(&path).unwrap()
     };
+    let file_bytes = std::fs::read(&path).unwrap();
+    let infos = offload_engine::gguf::read_path(&path).unwrap().tensors;
     for file_backed in [false, true] {
         let mut registry = Registry::new(None);
         assert_eq!(registry.load_gguf(&path, file_backed).unwrap(), expected);
+        // Loaded weights hold exactly the file's bytes; file-backed ones hold none.
+        for info in &infos {
+            let entry = registry.tensor(registry.find(&info.name).unwrap()).unwrap();
+            let tensor = match entry.source {
+                offload_engine::registry::Source::Ggml(t) => t,
+                offload_engine::registry::Source::GgmlFile { tensor, .. } => tensor,
+                _ => panic!("{} has no ggml tensor", info.name),
+            };
+            // SAFETY: the registry owns the tensor and its data.
+            let data = unsafe { (*tensor).data };
+            if file_backed {
+                assert!(data.is_null());
+            } else {
+                // SAFETY: the tensor's data holds `info.bytes` bytes.
+                let loaded =
+                    unsafe { std::slice::from_raw_parts(data as *const u8, info.bytes as usize) };
+                let at = info.offset as usize;
+                assert_eq!(
+                    loaded,
+                    &file_bytes[at..at + info.bytes as usize],
+                    "{}",
+                    info.name
+                );
+            }
+        }
         let layers = registry.layer_count();
         let mut engine = Engine::with_registry(
             EngineParams {
