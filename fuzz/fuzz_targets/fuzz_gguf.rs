@@ -42,6 +42,10 @@ fuzz_target!(|data: &[u8]| {
 
     // Round trip: a parsed file can always be written again, and the result reads back to
     // the same bytes when written once more (float NaNs make Value equality unusable).
+    // A valid but huge alignment (up to 2 GiB) would be padded in memory: not worth it here.
+    if file.alignment > 1 << 20 {
+        return;
+    }
     let once = rewrite(&file);
     let reparsed = gguf::parse_bytes(&once).expect("a rewritten file parses");
     assert_eq!(reparsed.metadata.len(), file.metadata.len());
