@@ -67,6 +67,8 @@ pub struct Engine {
     measured: Option<Measured>,
     profile: bool,
     pass_started: Option<Instant>,
+    /// The timeline of every placement (recording only with `params.trace`).
+    trace: crate::trace::Trace,
     /// The counters of the last placement, kept when the engine leaves the device.
     released_stats: Option<StreamStats>,
     /// A pipeline places this engine; the host must not prepare it itself.
@@ -117,6 +119,7 @@ impl Engine {
         let device = Device::select(params.device.as_deref())?;
         let backend = device.init_backend()?;
         backend.set_threads(params.compute_threads);
+        let trace = crate::trace::Trace::new(params.trace, Instant::now());
         Ok(Engine {
             profile: std::env::var_os("OFFLOAD_ENGINE_PROFILE").is_some_and(|v| v != "0"),
             params,
@@ -130,6 +133,7 @@ impl Engine {
             pass_started: None,
             released_stats: None,
             managed: false,
+            trace,
         })
     }
 
@@ -457,7 +461,7 @@ impl Engine {
                     .slot_count
                     .saturating_sub(1)
                     .min(workload.prefetch_depth),
-                trace: self.params.trace,
+                trace: self.trace.clone(),
             };
             match Streamer::new(
                 &self.device,
@@ -669,16 +673,15 @@ impl Engine {
     }
 
     pub fn write_trace(&self, path: &std::path::Path) -> Result<()> {
-        let streamer = self
-            .streamer
-            .as_ref()
-            .ok_or_else(|| Error::state("no trace: the engine has no plan yet"))?;
-        if !streamer.trace.enabled() {
+        if !self.trace.enabled() {
             return Err(Error::state(
                 "tracing is off (enable it in the engine parameters)",
             ));
         }
-        streamer.trace.write(path)
+        if self.streamer.is_none() && self.released_stats.is_none() {
+            return Err(Error::state("no trace: the engine has no plan yet"));
+        }
+        self.trace.write(path)
     }
 }
 

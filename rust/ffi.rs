@@ -920,7 +920,7 @@ pub struct EngineHandle {
 type StagedShape = [i64; 2];
 
 fn engine<'a>(handle: *const EngineHandle) -> Result<std::sync::MutexGuard<'a, Engine>> {
-    lock(&checked(handle, Kind::Engine)?.inner)
+    checked(handle, Kind::Engine)?.inner.lock()
 }
 
 #[no_mangle]
@@ -968,7 +968,7 @@ pub extern "C" fn offload_engine_engine_new(
         *slot = publish(
             EngineHandle {
                 executor: Mutex::new(None),
-                inner: std::sync::Arc::new(Mutex::new(engine)),
+                inner: crate::pipeline::EngineCell::new(engine),
             },
             Kind::Engine,
         );
@@ -1227,7 +1227,7 @@ pub extern "C" fn offload_engine_engine_run_pass(
 ) -> c_int {
     boundary(|| {
         let h = checked(handle, Kind::Engine)?;
-        let mut engine = lock(&h.inner)?;
+        let mut engine = h.inner.lock()?;
         let mut cached = lock(&h.executor)?;
         let model = input(model, "staged model")?;
         let (Some(build_input), Some(build_layer), Some(build_output)) =

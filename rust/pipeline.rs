@@ -10,7 +10,8 @@
 //! ahead of its stage, in the background, as soon as it fits: beside the running stage, or
 //! at its end in the memory that stage no longer needs.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -177,8 +178,43 @@ impl Default for PipelineParams {
     }
 }
 
-/// An engine shared between the host and the pipeline.
-pub type SharedEngine = Arc<Mutex<Engine>>;
+/// An engine shared by the host and a pipeline (the C handle holds one too).
+pub type SharedEngine = Arc<EngineCell>;
+
+pub struct EngineCell {
+    engine: Mutex<Engine>,
+    /// Set while a pipeline places the engine on its helper thread.
+    placing: AtomicBool,
+}
+
+impl EngineCell {
+    pub fn new(engine: Engine) -> SharedEngine {
+        Arc::new(EngineCell {
+            engine: Mutex::new(engine),
+            placing: AtomicBool::new(false),
+        })
+    }
+
+    /// One caller at a time: an overlapping call is an error instead of a race, except that a
+    /// call finding the engine busy with a pipeline's background placement waits for it.
+    pub fn lock(&self) -> Result<MutexGuard<'_, Engine>> {
+        match self.engine.try_lock() {
+            Ok(guard) => Ok(guard),
+            // A panic was caught at the boundary; the engine's state is still consistent.
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(TryLockError::WouldBlock) if self.placing.load(Ordering::SeqCst) => {
+                Ok(self.lock_waiting())
+            }
+            Err(TryLockError::WouldBlock) => Err(Error::state(
+                "handle is in use by another thread (calls on one handle must not overlap)",
+            )),
+        }
+    }
+
+    fn lock_waiting(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// `repr(C)`: the C ABI hands it out as is.
 #[repr(C)]
@@ -262,13 +298,9 @@ impl std::fmt::Debug for Pipeline {
 }
 
 fn lock_engine<'a>(engine: &'a SharedEngine, name: &str) -> Result<MutexGuard<'a, Engine>> {
-    match engine.try_lock() {
-        Ok(guard) => Ok(guard),
-        Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => Err(Error::state(format!(
-            "component '{name}' is in use (a call on its engine is running on another thread)"
-        ))),
-    }
+    engine
+        .lock()
+        .map_err(|e| Error::new(e.status, format!("component '{name}': {}", e.message)))
 }
 
 /// Places `engine` within `room` bytes: fully resident, or (when `may_stream`) streaming.
@@ -779,13 +811,13 @@ impl Pipeline {
         Error::new(
             status,
             format!(
-                "stage '{}' ({} mode) cannot be placed: it needs {} resident plus {} for the stage; {} of the {} budget is left ({} kept free; still on the device: {}). Try {hint}.{detail}",
+                "stage '{}' ({} mode) cannot be placed: it needs {} resident, and {} of the {} budget is left for it after {} for the stage and {} kept free (still on the device: {}). Try {hint}.{detail}",
                 c.name,
                 self.params.mode.name(),
                 format_bytes(needed),
-                format_bytes(c.stage_need),
                 format_bytes(room),
                 format_bytes(self.budget),
+                format_bytes(c.stage_need),
                 format_bytes(self.params.min_free_bytes),
                 if others.is_empty() {
                     "nothing".to_string()
@@ -838,11 +870,18 @@ impl Pipeline {
         let name = self.components[i].name.clone();
         let may_stream = self.streams(i);
         let workload = self.workload();
+        engine.placing.store(true, Ordering::SeqCst);
+        let cell = engine.clone();
         let spawned = std::thread::Builder::new()
             .name("offload-place".into())
             .spawn(move || {
-                let mut engine = lock_engine(&engine, &name)?;
-                place_engine(&mut engine, &name, room, may_stream, &workload)
+                let placed = {
+                    // The host's calls on this engine wait for us (see EngineCell::lock).
+                    let mut guard = engine.lock_waiting();
+                    place_engine(&mut guard, &name, room, may_stream, &workload)
+                };
+                engine.placing.store(false, Ordering::SeqCst);
+                placed
             });
         match spawned {
             Ok(handle) => {
@@ -856,7 +895,10 @@ impl Pipeline {
                     handle,
                 })
             }
-            Err(err) => log::warn!("cannot start a placement thread: {err}"),
+            Err(err) => {
+                cell.placing.store(false, Ordering::SeqCst);
+                log::warn!("cannot start a placement thread: {err}")
+            }
         }
     }
 

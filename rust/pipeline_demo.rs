@@ -2,14 +2,15 @@
 //! guidance, decoder) on the demo models: `offload-engine pipeline`, and the harness the
 //! pipeline tests share.
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::demo::{checksum, run_reference, Architecture, DemoConfig, DemoModel};
 use crate::engine::{Engine, EngineParams};
 use crate::error::{Error, Result, Status};
 use crate::executor::{Executor, LayeredModel};
-use crate::pipeline::{OffloadMode, Pipeline, PipelineParams, Placement, Role, SharedEngine};
+use crate::pipeline::{
+    EngineCell, OffloadMode, Pipeline, PipelineParams, Placement, Role, SharedEngine,
+};
 use crate::units::format_bytes;
 
 /// Passes per sampling step: the conditional and the unconditional prediction.
@@ -101,7 +102,7 @@ impl<'a> DemoPipeline<'a> {
             // SAFETY: the components outlive this pipeline (borrowed for 'a), so their tensors
             // outlive the engines.
             unsafe { engine.register_context(c.model.context())? };
-            let engine: SharedEngine = Arc::new(Mutex::new(engine));
+            let engine = EngineCell::new(engine);
             pipeline.add(c.name, c.role, engine.clone())?;
             engines.push(engine);
         }
@@ -133,9 +134,7 @@ impl<'a> DemoPipeline<'a> {
             self.pipeline.stage_begin(c.name)?;
             self.seen.push(self.pipeline.component(c.name)?.placement);
             let ran = (|| {
-                let mut engine = engine
-                    .lock()
-                    .map_err(|_| Error::new(Status::Internal, "engine lock poisoned"))?;
+                let mut engine = engine.lock()?;
                 let mut executor = Executor::new(engine.backend(), c.model.activation_shape())?;
                 let mut out = Vec::new();
                 for _ in 0..c.passes {

@@ -393,7 +393,9 @@ pub struct StreamConfig {
     pub prefetch_depth: u32,
     /// Engine-owned (pinned where the device has it) copies of streamed layers' data.
     pub staging: Option<Buffer>,
-    pub trace: bool,
+    /// The engine's timeline: shared by its successive placements, so one trace file
+    /// covers a whole job even when a pipeline moves the engine off and on the device.
+    pub trace: Trace,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -554,8 +556,8 @@ impl Streamer {
             }),
             changed: Condvar::new(),
         });
-        let epoch = Instant::now();
-        let trace = Trace::new(config.trace, epoch);
+        let trace = config.trace;
+        let epoch = trace.epoch();
         trace.set_layer_names(layers.iter().map(|l| l.name.clone()).collect());
         let target = CopyTarget {
             arena: arena.clone(),

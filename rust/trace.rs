@@ -57,6 +57,11 @@ impl Trace {
         self.enabled
     }
 
+    /// The instant span times count from.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
     pub fn set_enabled(&mut self, enabled: bool) {
         self.enabled = enabled;
     }

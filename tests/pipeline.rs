@@ -61,7 +61,7 @@ fn engine_for(model: &DemoModel) -> offload_engine::pipeline::SharedEngine {
     .unwrap();
     // SAFETY: the models outlive every engine of the test.
     unsafe { engine.register_context(model.context()).unwrap() };
-    std::sync::Arc::new(std::sync::Mutex::new(engine))
+    offload_engine::pipeline::EngineCell::new(engine)
 }
 
 #[test]
