@@ -12,11 +12,12 @@
 //! next to it would put two copies in one process, so those builds use no ggml function
 //! (ABI_TEST_WITH_GGML unset; the test asserts the executable defines no ggml symbol).
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// Headers of the ggml this crate was built against (set by build.rs).
 const GGML_INCLUDE: &str = env!("OFFLOAD_ENGINE_GGML_INCLUDE");
@@ -148,44 +149,9 @@ fn build_library(deps: &Path) {
 }
 
 /// Runs `command`, failing the test with its output if it fails or outlives `timeout`.
-/// Output goes through files so a chatty child cannot block on a full pipe while we wait.
 fn run(what: &str, command: &mut Command, timeout: Option<Duration>) -> String {
     let log_dir = scratch_dir(&format!("logs/{}", what.replace([' ', '/'], "_")));
-    let stdout_path = log_dir.join("stdout");
-    let stderr_path = log_dir.join("stderr");
-    let create =
-        |path: &Path| File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    command
-        .stdin(Stdio::null())
-        .stdout(create(&stdout_path))
-        .stderr(create(&stderr_path));
-    let started = Instant::now();
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: cannot start {command:?}: {e}"));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for child") {
-            break Some(status);
-        }
-        if timeout.is_some_and(|limit| started.elapsed() > limit) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-    match status {
-        Some(status) if status.success() => stdout,
-        outcome => panic!(
-            "{what} {}:\n{command:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-            match outcome {
-                Some(status) => format!("failed ({status})"),
-                None => format!("timed out after {timeout:?}"),
-            }
-        ),
-    }
+    common::execute_ok(what, command, &log_dir, timeout).stdout
 }
 
 fn compiler(language: Language) -> Command {

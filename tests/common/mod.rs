@@ -1,0 +1,81 @@
+//! Running child programs from tests: output goes through files (a chatty child cannot block
+//! on a full pipe while we wait), with an optional time limit.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a finished program left behind; `status` is `None` when it ran out of time (killed).
+pub struct Finished {
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+}
+
+/// Runs `command` with its output in `log_dir`, killing it after `timeout`.
+pub fn execute(
+    what: &str,
+    command: &mut Command,
+    log_dir: &Path,
+    timeout: Option<Duration>,
+) -> Finished {
+    std::fs::create_dir_all(log_dir).expect("create the log dir");
+    let stdout_path = log_dir.join("stdout");
+    let stderr_path = log_dir.join("stderr");
+    let create =
+        |path: &Path| File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    command
+        .stdin(Stdio::null())
+        .stdout(create(&stdout_path))
+        .stderr(create(&stderr_path));
+    let started = Instant::now();
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start {command:?}: {e}"));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break Some(status);
+        }
+        if timeout.is_some_and(|limit| started.elapsed() > limit) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!("{what}: {:.2?}", started.elapsed());
+    Finished {
+        status,
+        stdout: std::fs::read_to_string(&stdout_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+    }
+}
+
+/// As `execute`, failing the test with the program's output unless it succeeds in time.
+pub fn execute_ok(
+    what: &str,
+    command: &mut Command,
+    log_dir: &Path,
+    timeout: Option<Duration>,
+) -> Finished {
+    let finished = execute(what, command, log_dir, timeout);
+    if !finished.success() {
+        panic!(
+            "{what} {}:\n{command:?}\n--- stdout\n{}\n--- stderr\n{}",
+            match finished.status {
+                Some(status) => format!("failed ({status})"),
+                None => format!("timed out after {timeout:?}"),
+            },
+            finished.stdout,
+            finished.stderr
+        );
+    }
+    finished
+}
