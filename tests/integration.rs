@@ -360,3 +360,41 @@ fn link_and_graph_measurements() {
         sys::ggml_free(ctx);
     }
 }
+
+/// A pipeline component whose device allocation fails when it is placed again: the stage
+/// that needed it gets the error, nothing crashes, and the next job runs normally.
+#[test]
+fn a_failed_component_reload_is_its_stage_error_and_the_pipeline_recovers() {
+    use offload_engine::pipeline::{OffloadMode, PipelineParams};
+    use offload_engine::pipeline_demo::{components, reference, DemoPipeline, CFG_PASSES};
+    let _guard = serial();
+    let parts = components(true, 1).unwrap();
+    let want = reference(&parts, 1).unwrap();
+    let params = PipelineParams {
+        mode: OffloadMode::Aggressive,
+        budget_bytes: Some(1 << 30),
+        min_free_bytes: 0,
+        margin_bytes: 0,
+        passes_per_step: CFG_PASSES,
+        // No background reload racing with the armed fault.
+        reload_diffusion: false,
+        ..Default::default()
+    };
+    let mut demo = DemoPipeline::new(&parts, params, Some("CPU"), 1).unwrap();
+    assert_eq!(demo.run_job().unwrap(), want);
+    faults::arm(Fault::DeviceAlloc, 1);
+    let failed = demo.run_job();
+    faults::disarm_all();
+    let err = failed.unwrap_err();
+    assert!(
+        matches!(err.status, Status::OutOfMemory | Status::InsufficientMemory),
+        "{err:?}"
+    );
+    assert!(err.message.contains("text_encoder"), "{}", err.message);
+    assert_eq!(demo.run_job().unwrap(), want);
+    let info = demo.pipeline.component("text_encoder").unwrap();
+    assert_eq!(
+        info.loads, 2,
+        "the failed placement is not counted as a load"
+    );
+}
