@@ -12,7 +12,17 @@ use crate::ggml as sys;
 fn ensure_backends_loaded() {
     static LOADED: once_cell::sync::OnceCell<()> = once_cell::sync::OnceCell::new();
     LOADED.get_or_init(|| {
-        if cfg!(feature = "dynamic-backends") || std::env::var_os("GGML_BACKEND_PATH").is_some() {
+        // A directory of backend modules built apart from this library (a GPU machine that
+        // builds only its backend) comes first.
+        if let Some(dir) = std::env::var_os("OFFLOAD_ENGINE_BACKEND_DIR") {
+            use std::os::unix::ffi::OsStrExt;
+            if let Ok(dir) = CString::new(dir.as_bytes()) {
+                // SAFETY: a NUL-terminated path; ggml skips files that are not its modules.
+                unsafe { sys::ggml_backend_load_all_from_path(dir.as_ptr()) };
+            }
+        } else if cfg!(feature = "dynamic-backends")
+            || std::env::var_os("GGML_BACKEND_PATH").is_some()
+        {
             // SAFETY: takes no arguments; loads backend modules found next to the program.
             unsafe { sys::ggml_backend_load_all() };
         }
@@ -177,9 +187,13 @@ impl Device {
 
     /// Allocates device memory (the arena). Fails cleanly when the device is out of memory.
     pub fn alloc(&self, bytes: u64) -> Result<Buffer> {
+        Buffer::alloc(self.buffer_type(), bytes, &self.name)
+    }
+
+    /// The device's own buffer type (host memory for the CPU device).
+    pub fn buffer_type(&self) -> sys::ggml_backend_buffer_type_t {
         // SAFETY: valid device handle.
-        let buft = unsafe { sys::ggml_backend_dev_buffer_type(self.raw) };
-        Buffer::alloc(buft, bytes, &self.name)
+        unsafe { sys::ggml_backend_dev_buffer_type(self.raw) }
     }
 
     /// Allocates pinned host memory, or `None` when the device has no pinned buffer type.
@@ -219,11 +233,34 @@ impl Backend {
         self.raw.as_ptr()
     }
 
+    /// Compute threads, for backends that have them (the CPU). Found through the backend's
+    /// registry, so it works whether the CPU backend is linked in or loaded as a module.
     pub fn set_threads(&self, threads: i32) {
-        // SAFETY: valid backend; ggml_backend_is_cpu only reads its guid.
-        if unsafe { sys::ggml_backend_is_cpu(self.raw()) } {
-            // SAFETY: checked above that this is a CPU backend.
-            unsafe { sys::ggml_backend_cpu_set_n_threads(self.raw(), threads.max(1)) };
+        // SAFETY: valid backend; its device and registry live as long as the process.
+        let proc_address = unsafe {
+            let device = sys::ggml_backend_get_device(self.raw());
+            let registry = if device.is_null() {
+                std::ptr::null_mut()
+            } else {
+                sys::ggml_backend_dev_backend_reg(device)
+            };
+            if registry.is_null() {
+                return;
+            }
+            sys::ggml_backend_reg_get_proc_address(registry, c"ggml_backend_set_n_threads".as_ptr())
+        };
+        if proc_address.is_null() {
+            return;
+        }
+        // SAFETY: ggml documents this name's address as a `ggml_backend_set_n_threads_t`.
+        let set: sys::ggml_backend_set_n_threads_t = unsafe {
+            std::mem::transmute::<*mut std::ffi::c_void, sys::ggml_backend_set_n_threads_t>(
+                proc_address,
+            )
+        };
+        if let Some(set) = set {
+            // SAFETY: the function belongs to this backend's registry; the backend is valid.
+            unsafe { set(self.raw(), threads.max(1)) };
         }
     }
 

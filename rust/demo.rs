@@ -125,10 +125,15 @@ pub struct DemoModel {
 }
 
 impl DemoModel {
+    /// Weights in host memory, like a host that loaded them.
     pub fn new(config: DemoConfig) -> Result<DemoModel> {
+        DemoModel::on_device(config, &crate::backend::Device::select(Some("CPU"))?)
+    }
+
+    /// Weights in `device`'s own memory: the run without any engine on that device.
+    pub fn on_device(config: DemoConfig, device: &crate::backend::Device) -> Result<DemoModel> {
         let mut model = DemoModel::unallocated(config)?;
-        // SAFETY: the CPU buffer type is always available.
-        let buft = unsafe { sys::ggml_backend_cpu_buffer_type() };
+        let buft = device.buffer_type();
         // SAFETY: allocates every tensor of the context in one host buffer.
         let buffer =
             unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(model.ctx.as_ptr(), buft) };
@@ -349,16 +354,20 @@ impl DemoModel {
                     }
                 })
                 .collect();
-            // SAFETY: `data` holds n elements of type `ty`, allocated above; quantized rows
-            // are ne0 elements (a multiple of the block size, checked in validate).
+            // Encoded on the host, then set through the backend: the buffer may be a device's.
+            // SAFETY: a valid allocated tensor.
+            let nbytes = unsafe { sys::ggml_nbytes(t) };
+            let mut encoded = vec![0u8; nbytes];
+            // SAFETY: `encoded` holds the tensor's bytes: n elements of type `ty`; quantized
+            // rows are ne0 elements (a multiple of the block size, checked in validate).
             unsafe {
                 if ty == sys::GGML_TYPE_F16 {
-                    sys::ggml_fp32_to_fp16_row(values.as_ptr(), (*t).data.cast(), n);
+                    sys::ggml_fp32_to_fp16_row(values.as_ptr(), encoded.as_mut_ptr().cast(), n);
                 } else if ty != sys::GGML_TYPE_F32 {
                     sys::ggml_quantize_chunk(
                         ty,
                         values.as_ptr(),
-                        (*t).data,
+                        encoded.as_mut_ptr().cast(),
                         0,
                         n / ne0,
                         ne0,
@@ -366,12 +375,13 @@ impl DemoModel {
                     );
                 } else {
                     std::ptr::copy_nonoverlapping(
-                        values.as_ptr(),
-                        (*t).data.cast::<f32>(),
-                        n as usize,
+                        values.as_ptr().cast::<u8>(),
+                        encoded.as_mut_ptr(),
+                        nbytes,
                     );
                 }
-                total += sys::ggml_nbytes(t) as u64;
+                sys::ggml_backend_tensor_set(t, encoded.as_ptr().cast(), 0, nbytes);
+                total += nbytes as u64;
                 t = sys::ggml_get_next_tensor(self.ctx.as_ptr(), t);
             }
             index += 1;

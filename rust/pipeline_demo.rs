@@ -73,6 +73,27 @@ pub fn reference(components: &[DemoComponent], threads: i32) -> Result<Vec<Vec<u
         .collect()
 }
 
+/// The outputs every mode must reproduce on `device`: on the CPU the engine-free run; on
+/// another device (whose kernels round differently) everything resident there, moving
+/// nothing.
+pub fn reference_outputs(
+    components: &[DemoComponent],
+    device: Option<&str>,
+    threads: i32,
+) -> Result<Vec<Vec<u8>>> {
+    if crate::backend::Device::select(device)?.kind == crate::backend::DeviceKind::Cpu {
+        return reference(components, threads);
+    }
+    let all: u64 = components.iter().map(|c| c.model.weight_bytes()).sum();
+    let params = PipelineParams {
+        budget_bytes: Some(all.saturating_mul(2)),
+        min_free_bytes: 0,
+        margin_bytes: 0,
+        ..Default::default()
+    };
+    DemoPipeline::new(components, params, device, threads)?.run_job()
+}
+
 /// The components' engines in a pipeline, and a job runner.
 pub struct DemoPipeline<'a> {
     pub pipeline: Pipeline,
@@ -181,7 +202,7 @@ pub fn run_pipeline_demo(options: &PipelineDemoOptions) -> Result<()> {
             c.passes
         );
     }
-    let want = reference(&components, options.threads)?;
+    let want = reference_outputs(&components, options.device.as_deref(), options.threads)?;
     let want_sum = checksum(&want.concat());
     let budget = match options.budget {
         Some(b) => b,

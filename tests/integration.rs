@@ -16,9 +16,27 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The device under test: the CPU unless OFFLOAD_ENGINE_TEST_DEVICE names another
+/// (tests/gpu/run.sh sets CUDA0).
+fn test_device() -> String {
+    std::env::var("OFFLOAD_ENGINE_TEST_DEVICE").unwrap_or_else(|_| "CPU".into())
+}
+
+/// The outputs every streamed run must match bit for bit: on the CPU the run without any
+/// engine; on another device the fully resident run there (kernels differ between devices).
+fn reference(model: &DemoModel, passes: usize) -> Vec<u8> {
+    if test_device() == "CPU" {
+        return run_reference(model, &cpu_backend(), passes).unwrap();
+    }
+    let roomy = params(model.weight_bytes() * 4, 1);
+    let run = run_with_engine(model, roomy, &workload(1, 1), passes, None).unwrap();
+    assert_eq!(run.plan.mode, Mode::Full);
+    run.output
+}
+
 fn params(budget: u64, depth: u32) -> EngineParams {
     EngineParams {
-        device: Some("CPU".into()),
+        device: Some(test_device()),
         budget_bytes: Some(budget),
         prefetch_depth: depth,
         ..Default::default()
@@ -52,7 +70,7 @@ fn budgets(model: &DemoModel) -> Vec<(&'static str, u64)> {
 fn check_bit_identical(architecture: Architecture) {
     let _guard = serial();
     let model = DemoModel::new(DemoConfig::tiny(architecture)).unwrap();
-    let reference = run_reference(&model, &cpu_backend(), 3).unwrap();
+    let reference = reference(&model, 3);
     let mut modes = Vec::new();
     for (label, budget) in budgets(&model) {
         for depth in [0u32, 1, 3] {
@@ -94,7 +112,7 @@ fn flux_style_streaming_is_bit_identical() {
 fn only_two_slots_still_bit_identical() {
     let _guard = serial();
     let model = DemoModel::new(DemoConfig::tiny(Architecture::Flux)).unwrap();
-    let reference = run_reference(&model, &cpu_backend(), 2).unwrap();
+    let reference = reference(&model, 2);
     // Find the smallest budget that still plans: global + two slots of the largest layer.
     let mut budget = model.weight_bytes() / 8;
     let run = loop {
@@ -204,7 +222,7 @@ fn misuse_of_the_pass_protocol_is_an_error() {
 fn failed_copy_leaves_the_engine_usable() {
     let _guard = serial();
     let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
-    let reference = run_reference(&model, &cpu_backend(), 1).unwrap();
+    let reference = reference(&model, 1);
     for fault in [Fault::Copy, Fault::CopyThreadPanic] {
         let mut engine = Engine::new(params(model.weight_bytes() / 3, 1)).unwrap();
         // SAFETY: the model outlives the engine.
@@ -232,7 +250,7 @@ fn failed_copy_leaves_the_engine_usable() {
 fn device_allocation_failure_retries_with_fewer_resident_layers() {
     let _guard = serial();
     let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
-    let reference = run_reference(&model, &cpu_backend(), 1).unwrap();
+    let reference = reference(&model, 1);
     faults::arm(Fault::DeviceAlloc, 1);
     let run = run_with_engine(
         &model,
@@ -261,7 +279,7 @@ fn device_allocation_failure_retries_with_fewer_resident_layers() {
 fn staged_homes_are_bit_identical_and_a_failed_staging_falls_back() {
     let _guard = serial();
     let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
-    let reference = run_reference(&model, &cpu_backend(), 2).unwrap();
+    let reference = reference(&model, 2);
     let budget = model.weight_bytes() / 3;
     let mut staged = params(budget, 1);
     staged.pinned_limit_bytes = Some(model.weight_bytes() / 4);
@@ -305,7 +323,7 @@ fn copies_overlap_compute_in_the_trace() {
 fn replanning_between_runs_uses_measured_figures() {
     let _guard = serial();
     let model = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
-    let reference = run_reference(&model, &cpu_backend(), 1).unwrap();
+    let reference = reference(&model, 1);
     let mut engine = Engine::new(params(model.weight_bytes() / 2, 1)).unwrap();
     // SAFETY: the model outlives the engine.
     unsafe { engine.register_context(model.context()).unwrap() };
@@ -334,10 +352,17 @@ fn replanning_between_runs_uses_measured_figures() {
 #[test]
 fn link_and_graph_measurements() {
     let _guard = serial();
-    let device = offload_engine::backend::Device::select(Some("CPU")).unwrap();
+    let device = offload_engine::backend::Device::select(Some(&test_device())).unwrap();
     let (pageable, pinned) = offload_engine::engine::measure_link(&device, 8 << 20).unwrap();
     assert!(pageable.is_finite() && pageable > 0.0);
-    assert!(pinned.is_none(), "the CPU device has no pinned memory");
+    // Pinned figures exactly where the device offers pinned host memory (not the CPU).
+    assert_eq!(pinned.is_some(), device.pinned_host, "{pinned:?}");
+    if let Some(pinned) = pinned {
+        println!(
+            "{}: pageable {pageable:.2} GB/s, pinned {pinned:.2} GB/s",
+            device.name
+        );
+    }
 
     use offload_engine::executor::LayeredModel;
     use offload_engine::ggml as sys;
@@ -366,10 +391,10 @@ fn link_and_graph_measurements() {
 #[test]
 fn a_failed_component_reload_is_its_stage_error_and_the_pipeline_recovers() {
     use offload_engine::pipeline::{OffloadMode, PipelineParams};
-    use offload_engine::pipeline_demo::{components, reference, DemoPipeline, CFG_PASSES};
+    use offload_engine::pipeline_demo::{components, reference_outputs, DemoPipeline, CFG_PASSES};
     let _guard = serial();
     let parts = components(true, 1).unwrap();
-    let want = reference(&parts, 1).unwrap();
+    let want = reference_outputs(&parts, Some(&test_device()), 1).unwrap();
     let params = PipelineParams {
         mode: OffloadMode::Aggressive,
         budget_bytes: Some(1 << 30),
@@ -380,7 +405,7 @@ fn a_failed_component_reload_is_its_stage_error_and_the_pipeline_recovers() {
         reload_diffusion: false,
         ..Default::default()
     };
-    let mut demo = DemoPipeline::new(&parts, params, Some("CPU"), 1).unwrap();
+    let mut demo = DemoPipeline::new(&parts, params, Some(&test_device()), 1).unwrap();
     assert_eq!(demo.run_job().unwrap(), want);
     faults::arm(Fault::DeviceAlloc, 1);
     let failed = demo.run_job();
