@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -61,6 +62,25 @@ private:
 
 struct Unit {};
 using Status_ = Result<Unit>;
+
+// A view of contiguous bytes (std::span arrives in C++20): built from any contiguous
+// container of trivially copyable elements (std::vector<float>, std::array, std::string).
+template <class Byte>
+class Bytes {
+public:
+    template <class Container, class = decltype(std::data(std::declval<Container &>()))>
+    Bytes(Container &c)  // NOLINT: implicit, like std::span
+        : data_(reinterpret_cast<Byte *>(std::data(c))), size_(std::size(c) * sizeof(*std::data(c))) {}
+    Bytes(Byte *data, size_t size) : data_(data), size_(size) {}
+    Byte *data() const { return data_; }
+    size_t size() const { return size_; }
+
+private:
+    Byte *data_;
+    size_t size_;
+};
+using ConstBytes = Bytes<const uint8_t>;
+using MutableBytes = Bytes<uint8_t>;
 
 namespace detail {
 inline Error error_from(int status) {
@@ -262,8 +282,8 @@ public:
         return detail::check(offload_engine_engine_trace_write(get(), path.c_str()));
     }
     // Changes a weight at run time (see offload_engine_engine_tensor_set).
-    Status_ tensor_set(const std::string &name, const void *data, uint64_t offset, uint64_t size) {
-        return detail::check(offload_engine_engine_tensor_set(get(), name.c_str(), data, offset, size));
+    Status_ tensor_set(const std::string &name, ConstBytes data, uint64_t offset = 0) {
+        return detail::check(offload_engine_engine_tensor_set(get(), name.c_str(), data.data(), offset, data.size()));
     }
     Result<offload_engine_stats> stats() {
         offload_engine_stats s{};
@@ -274,7 +294,7 @@ public:
 
     // Runs one pass of a staged model and copies the output tensor's bytes into `output`
     // (sized by the host, which knows the output shape); returns the bytes written.
-    Result<size_t> run_pass(StagedModel &model, uint8_t *output, size_t capacity) {
+    Result<size_t> run_pass(StagedModel &model, MutableBytes output) {
         offload_engine_staged_model c{};
         c.size = sizeof c;
         c.user = &model;
@@ -293,7 +313,8 @@ public:
             return static_cast<StagedModel *>(u)->build_output(ctx, x);
         };
         size_t size = 0;
-        if (int s = offload_engine_engine_run_pass(get(), &c, output, capacity, &size)) return detail::error_from(s);
+        if (int s = offload_engine_engine_run_pass(get(), &c, output.data(), output.size(), &size))
+            return detail::error_from(s);
         return size;
     }
 

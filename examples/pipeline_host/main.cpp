@@ -906,7 +906,7 @@ public:
         };
         m.build_output = [&](ggml_context *ctx, ggml_tensor *x) { return text_output(ctx, w_, x); };
         std::vector<float> out(static_cast<size_t>(hp_.text_dim * hp_.tokens));
-        size_t got = take(c_.engine.run_pass(m, reinterpret_cast<uint8_t *>(out.data()), out.size() * sizeof(float)),
+        size_t got = take(c_.engine.run_pass(m, out),
                           c_.name + ": run_pass");
         if (got != out.size() * sizeof(float)) fail(c_.name + ": unexpected output size");
         return out;
@@ -996,7 +996,7 @@ public:
         m.build_layer = [this](ggml_context *ctx, uint64_t layer, ggml_tensor *x) { return layer_graph(ctx, layer, x); };
         m.build_output = [this](ggml_context *ctx, ggml_tensor *x) { return dit_output(ctx, hp_, w_, x); };
         std::vector<float> out(static_cast<size_t>(hp_.latent_ch * hp_.image_tokens()));
-        size_t got = take(c_.engine.run_pass(m, reinterpret_cast<uint8_t *>(out.data()), out.size() * sizeof(float)),
+        size_t got = take(c_.engine.run_pass(m, out),
                           c_.name + ": run_pass");
         if (got != out.size() * sizeof(float)) fail(c_.name + ": unexpected output size");
         return out;

@@ -100,7 +100,7 @@ static std::vector<uint8_t> run(Model &model, uint64_t budget, uint32_t depth, i
     auto staged = model.staged();
     std::vector<uint8_t> out(8 * Model::kTokens * sizeof(float));
     for (int pass = 0; pass < 2; ++pass) {
-        auto written = engine->run_pass(staged, out.data(), out.size());
+        auto written = engine->run_pass(staged, out);
         EXPECT(written.ok() && *written == out.size());
     }
     auto stats = engine->stats();
@@ -149,18 +149,33 @@ static void pipeline_checks(Model &cond_model, Model &dit_model, const std::vect
             if (!stage) return;
             auto staged = models[i]->staged();
             std::vector<uint8_t> out(expected.size());
-            auto written = engines[i].run_pass(staged, out.data(), out.size());
+            auto written = engines[i].run_pass(staged, out);
             EXPECT(written.ok() && out == expected);
             EXPECT(stage->end().ok());
         }
         EXPECT(pipeline->run_end().ok());
     }
+    // A weight written back through the engine (a LoRA merge would change it): same outputs.
+    std::vector<float> w(Model::kHidden * Model::kHidden);
+    ggml_backend_tensor_get(dit_model.weights[0], w.data(), 0, w.size() * sizeof(float));
+    EXPECT(engines[1].tensor_set("blk.0.ffn_up.weight", w).ok());
+    auto too_far = engines[1].tensor_set("blk.0.ffn_up.weight", w, 8);
+    EXPECT(!too_far.ok() && too_far.error().status == oe::Status::invalid_argument);
+    EXPECT(pipeline->run_begin().ok());
+    for (int i = 0; i < 2; ++i) {
+        auto stage = pipeline->stage(names[i]);
+        auto staged = models[i]->staged();
+        std::vector<uint8_t> out(expected.size());
+        auto written = engines[i].run_pass(staged, out);
+        EXPECT(stage.ok() && written.ok() && out == expected);
+    }
+    EXPECT(pipeline->run_end().ok());
     auto cond = pipeline->component("cond");
     auto dit = pipeline->component("dit");
-    EXPECT(cond.ok() && cond->unloads == 2 && cond->role == oe::Role::conditioner);
+    EXPECT(cond.ok() && cond->unloads == 3 && cond->role == oe::Role::conditioner);
     auto stats = pipeline->stats();
-    EXPECT(stats.ok() && stats->unloads == 3 && stats->peak_device_bytes <= options.budget_bytes);
-    EXPECT(dit.ok() && dit->placement == OFFLOAD_ENGINE_PLACEMENT_RESIDENT && dit->unloads == 1);
+    EXPECT(stats.ok() && stats->unloads == 5 && stats->peak_device_bytes <= options.budget_bytes);
+    EXPECT(dit.ok() && dit->placement == OFFLOAD_ENGINE_PLACEMENT_RESIDENT && dit->unloads == 2);
     auto missing = pipeline->stage_begin("vae");
     EXPECT(!missing.ok() && missing.error().status == oe::Status::not_found);
 }
