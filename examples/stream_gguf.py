@@ -16,7 +16,6 @@ The CPU device reports system RAM as its free memory, so the budgets are given e
 """
 import argparse
 import os
-import struct
 import sys
 import tempfile
 import time
@@ -25,52 +24,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import offload_engine as oe  # noqa: E402
 
 MIB = 1 << 20
-GGUF_ALIGNMENT = 32
-GGUF_TYPE_UINT32 = 4
-GGUF_TYPE_STRING = 8
-GGML_F32 = 0
-
-
-# ---------------------------------------------------------------------------------------
-# A minimal GGUF v3 writer (f32 tensors, string and uint32 metadata)
-# ---------------------------------------------------------------------------------------
-
-
-def _gguf_string(text):
-    data = text.encode()
-    return struct.pack("<Q", len(data)) + data
-
-
-def _gguf_value(value):
-    if isinstance(value, str):
-        return struct.pack("<I", GGUF_TYPE_STRING) + _gguf_string(value)
-    return struct.pack("<II", GGUF_TYPE_UINT32, value)
-
-
-def write_gguf(path, metadata, tensors):
-    """Writes a GGUF v3 file. `metadata`: {key: str or int}; `tensors`: a list of
-    (name, shape as ne[0], ne[1], ..., fill) with fill a float every element takes, all f32.
-    Data is written one tensor at a time, so large files need little memory."""
-    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
-    for key, value in metadata.items():
-        head += _gguf_string(key) + _gguf_value(value)
-    sizes = []
-    offset = 0
-    for name, shape, _ in tensors:
-        size = 4
-        for extent in shape:
-            size *= extent
-        head += _gguf_string(name) + struct.pack("<I", len(shape))
-        head += struct.pack(f"<{len(shape)}Q", *shape)
-        head += struct.pack("<IQ", GGML_F32, offset)
-        sizes.append(size)
-        offset += size + (-size % GGUF_ALIGNMENT)
-    head += b"\0" * (-len(head) % GGUF_ALIGNMENT)
-    with open(path, "wb") as f:
-        f.write(head)
-        for (_, _, fill), size in zip(tensors, sizes):
-            f.write(struct.pack("<f", fill) * (size // 4))
-            f.write(b"\0" * (-size % GGUF_ALIGNMENT))
 
 
 def synthetic_model(path, layers, layer_mib):
@@ -95,7 +48,7 @@ def synthetic_model(path, layers, layer_mib):
         "llama.embedding_length": hidden,
         "llama.feed_forward_length": ffn,
     }
-    write_gguf(path, metadata, tensors)
+    oe.write_gguf(path, tensors, metadata)
 
 
 # ---------------------------------------------------------------------------------------

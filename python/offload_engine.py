@@ -15,6 +15,7 @@ ERR_UNSUPPORTED when called; the rest of the module keeps working.
 
 import ctypes
 import os
+import struct
 import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -706,8 +707,15 @@ def _from_struct(cls, raw, **converted):
     return cls(**values)
 
 
+class _Record:
+    """Counters read from the library; asdict() gives them as a plain dict."""
+
+    def asdict(self):
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class Stats:
+class Stats(_Record):
     """offload_engine_stats: counters since the engine was prepared or last reset."""
 
     passes: int
@@ -721,12 +729,9 @@ class Stats:
     arena_bytes: int
     arena_peak_bytes: int
 
-    def asdict(self):
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class LayerStats:
+class LayerStats(_Record):
     """offload_engine_layer_stats: one layer's counters."""
 
     resident: bool
@@ -735,9 +740,6 @@ class LayerStats:
     wait_us: int
     compute_us: int
     evict_us: int
-
-    def asdict(self):
-        return asdict(self)
 
 
 class Engine(_Handle):
@@ -957,7 +959,7 @@ def _enum(table, value, what):
 
 
 @dataclass(frozen=True)
-class ComponentInfo:
+class ComponentInfo(_Record):
     """offload_engine_component_info: where one pipeline component is and what it moved."""
 
     name: str
@@ -970,12 +972,9 @@ class ComponentInfo:
     unloads: int
     streamed_layers: int
 
-    def asdict(self):
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class PipelineStats:
+class PipelineStats(_Record):
     """offload_engine_pipeline_stats."""
 
     budget_bytes: int
@@ -987,9 +986,6 @@ class PipelineStats:
     prefetched_loads: int
     device_bytes: int
     peak_device_bytes: int
-
-    def asdict(self):
-        return asdict(self)
 
 
 class Pipeline(_Handle):
@@ -1119,3 +1115,57 @@ class Pipeline(_Handle):
         raw = _PipelineStats(size=ctypes.sizeof(_PipelineStats))
         self._call("offload_engine_pipeline_get_stats", ctypes.byref(raw))
         return _from_struct(PipelineStats, raw)
+
+
+# ---------------------------------------------------------------------------------------
+# GGUF files for experiments and tests
+# ---------------------------------------------------------------------------------------
+
+_GGUF_ALIGNMENT = 32
+_GGUF_TYPE_UINT32 = 4
+_GGUF_TYPE_STRING = 8
+_GGML_F32 = 0
+
+
+def _gguf_string(text):
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def write_gguf(path, tensors, metadata=None):
+    """Writes a GGUF v3 file of f32 tensors (synthetic models, test fixtures). `tensors`: a
+    list of (name, shape as (ne0, ne1, ...), data) where data is the tensor's bytes, a float
+    every element takes, or None for zeros. `metadata`: {key: str or int}; without
+    general.architecture it is "llama". Tensors are written one at a time, so large files
+    need little memory."""
+    metadata = {"general.architecture": "llama", **(metadata or {})}
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+    for key, value in metadata.items():
+        if isinstance(value, str):
+            head += _gguf_string(key) + struct.pack("<I", _GGUF_TYPE_STRING) + _gguf_string(value)
+        else:
+            head += _gguf_string(key) + struct.pack("<II", _GGUF_TYPE_UINT32, value)
+    sizes = []
+    offset = 0
+    for name, shape, _ in tensors:
+        size = 4
+        for extent in shape:
+            size *= extent
+        head += _gguf_string(name) + struct.pack("<I", len(shape))
+        head += struct.pack(f"<{len(shape)}Q", *shape)
+        head += struct.pack("<IQ", _GGML_F32, offset)
+        sizes.append(size)
+        offset += size + (-size % _GGUF_ALIGNMENT)
+    head += b"\0" * (-len(head) % _GGUF_ALIGNMENT)
+    with open(path, "wb") as f:
+        f.write(head)
+        for (name, _, data), size in zip(tensors, sizes):
+            if data is None:
+                data = bytes(size)
+            elif isinstance(data, float):
+                data = struct.pack("<f", data) * (size // 4)
+            data = bytes(data)
+            if len(data) != size:
+                raise ValueError(f"tensor {name}: {len(data)} bytes of data for {size} bytes")
+            f.write(data)
+            f.write(b"\0" * (-size % _GGUF_ALIGNMENT))

@@ -23,8 +23,6 @@ from offload_engine import Engine, OffloadError, Pipeline, Registry  # noqa: E40
 
 HEADER = Path(__file__).resolve().parents[2] / "ffi" / "offload_engine.h"
 
-GGUF_ALIGNMENT = 32  # ggml's default; the file sets no general.alignment
-GGUF_TYPE_STRING = 8
 GGML_F32 = 0
 
 LAYERS = 4
@@ -53,33 +51,14 @@ STATUS_INVALID_STATE = 10
 STATUS_UNSUPPORTED = 12
 
 
-def gguf_string(text):
-    data = text.encode()
-    return struct.pack("<Q", len(data)) + data
-
-
 def gguf_file(tensors, architecture="llama"):
-    """A GGUF v3 file with general.architecture and f32 `tensors`: (name, shape, data) with
-    data the tensor's bytes, or None for zeros."""
-    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1)
-    head += gguf_string("general.architecture") + struct.pack("<I", GGUF_TYPE_STRING)
-    head += gguf_string(architecture)
-    blobs = []
-    offset = 0
-    for name, shape, data in tensors:
-        size = 4
-        for extent in shape:
-            size *= extent
-        data = bytes(size) if data is None else bytes(data)
-        assert len(data) == size, name
-        head += gguf_string(name) + struct.pack("<I", len(shape))
-        head += struct.pack(f"<{len(shape)}Q", *shape)
-        head += struct.pack("<IQ", GGML_F32, offset)
-        padded = data + b"\0" * (-len(data) % GGUF_ALIGNMENT)
-        blobs.append(padded)
-        offset += len(padded)
-    head += b"\0" * (-len(head) % GGUF_ALIGNMENT)
-    return head + b"".join(blobs)
+    """The bytes of a GGUF v3 file with general.architecture and f32 `tensors`: (name,
+    shape, data) with data the tensor's bytes, or None for zeros."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "model.gguf")
+        offload_engine.write_gguf(path, tensors, {"general.architecture": architecture})
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def layer_data(layer):
