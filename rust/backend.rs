@@ -39,24 +39,42 @@ fn c_str(ptr: *const std::os::raw::c_char) -> String {
         .into_owned()
 }
 
-/// An owned ggml context (tensor metadata, and their data unless `no_alloc`).
-pub struct Context(NonNull<sys::ggml_context>);
+/// An owned ggml context (tensor metadata, and their data unless `no_alloc`). Its memory is
+/// ours: a failed allocation is an error here, where ggml's own would abort the process.
+pub struct Context {
+    raw: NonNull<sys::ggml_context>,
+    /// Backs the context; u128 for ggml's 16-byte alignment. Dropped after the context.
+    _memory: Vec<u128>,
+}
 
 impl Context {
     pub fn new(bytes: usize, no_alloc: bool) -> Result<Context> {
+        let words = bytes.div_ceil(16).max(1);
+        let mut memory: Vec<u128> = Vec::new();
+        memory.try_reserve_exact(words).map_err(|_| {
+            Error::new(
+                Status::OutOfMemory,
+                format!("cannot allocate {bytes} bytes for a ggml context"),
+            )
+        })?;
+        // The capacity is ggml's to write (the length stays 0: Rust never reads it).
         let params = sys::ggml_init_params {
-            mem_size: bytes,
-            mem_buffer: std::ptr::null_mut(),
+            mem_size: words * 16,
+            mem_buffer: memory.as_mut_ptr().cast(),
             no_alloc,
         };
-        // SAFETY: ggml allocates the context's memory itself; NULL on failure.
+        // SAFETY: the reserved capacity holds mem_size bytes, 16-byte aligned, and outlives the
+        // context (dropped after it).
         NonNull::new(unsafe { sys::ggml_init(params) })
-            .map(Context)
+            .map(|raw| Context {
+                raw,
+                _memory: memory,
+            })
             .ok_or_else(|| Error::new(Status::OutOfMemory, "cannot create a ggml context"))
     }
 
     pub fn raw(&self) -> *mut sys::ggml_context {
-        self.0.as_ptr()
+        self.raw.as_ptr()
     }
 }
 

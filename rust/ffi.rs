@@ -163,6 +163,17 @@ macro_rules! sized_structs {
             fn declared_size(&self) -> usize {
                 self.size
             }
+        }
+
+        /// All zero but `size` (for Rust callers of the C ABI, like C's `= {sizeof x}`).
+        impl Default for $t {
+            fn default() -> Self {
+                // SAFETY: the struct holds only integers, floats, raw pointers and optional
+                // function pointers, for all of which all-zero bytes are a valid value.
+                let mut value: Self = unsafe { std::mem::zeroed() };
+                value.size = std::mem::size_of::<Self>();
+                value
+            }
         })*
     };
 }
@@ -411,23 +422,32 @@ fn unsafe_out<'a, T>(ptr: *mut T) -> Option<&'a mut T> {
     unsafe { ptr.as_mut() }
 }
 
+/// The shape of the registering calls: lock the registry, register, report how many.
+fn register_and_count(
+    handle: *mut RegistryHandle,
+    count_out: *mut usize,
+    register: impl FnOnce(&mut Registry) -> Result<usize>,
+) -> c_int {
+    boundary(|| {
+        let mut state = registry(handle)?;
+        let count = register(&mut state.registry)?;
+        if let Some(slot) = unsafe_out(count_out) {
+            *slot = count;
+        }
+        Ok(())
+    })
+}
+
 #[no_mangle]
 pub extern "C" fn offload_engine_registry_add_context(
     handle: *mut RegistryHandle,
     ctx: *mut sys::ggml_context,
     count_out: *mut usize,
 ) -> c_int {
-    boundary(|| {
-        let mut state = registry(handle)?;
-        if ctx.is_null() {
-            return Err(Error::new(Status::NullPointer, "context is NULL"));
-        }
-        // SAFETY: the header requires a valid context whose tensors outlive the registry's engines.
-        let count = unsafe { state.registry.add_ggml_context(ctx)? };
-        if let Some(slot) = unsafe_out(count_out) {
-            *slot = count;
-        }
-        Ok(())
+    register_and_count(handle, count_out, |registry| {
+        // SAFETY: the header requires a valid context (or NULL, refused there) whose tensors
+        // outlive the registry's engines.
+        unsafe { registry.add_ggml_context(ctx) }
     })
 }
 
@@ -437,14 +457,8 @@ pub extern "C" fn offload_engine_registry_add_gguf(
     path: *const c_char,
     count_out: *mut usize,
 ) -> c_int {
-    boundary(|| {
-        let mut state = registry(handle)?;
-        let path = PathBuf::from(text(path, "path")?);
-        let count = state.registry.add_gguf(&path)?;
-        if let Some(slot) = unsafe_out(count_out) {
-            *slot = count;
-        }
-        Ok(())
+    register_and_count(handle, count_out, |registry| {
+        registry.add_gguf(&PathBuf::from(text(path, "path")?))
     })
 }
 
@@ -455,14 +469,8 @@ pub extern "C" fn offload_engine_registry_load_gguf(
     file_backed: c_int,
     count_out: *mut usize,
 ) -> c_int {
-    boundary(|| {
-        let mut state = registry(handle)?;
-        let path = PathBuf::from(text(path, "path")?);
-        let count = state.registry.load_gguf(&path, file_backed != 0)?;
-        if let Some(slot) = unsafe_out(count_out) {
-            *slot = count;
-        }
-        Ok(())
+    register_and_count(handle, count_out, |registry| {
+        registry.load_gguf(&PathBuf::from(text(path, "path")?), file_backed != 0)
     })
 }
 
@@ -473,15 +481,10 @@ pub extern "C" fn offload_engine_registry_add_file_backed(
     path: *const c_char,
     count_out: *mut usize,
 ) -> c_int {
-    boundary(|| {
-        let mut state = registry(handle)?;
+    register_and_count(handle, count_out, |registry| {
         let path = PathBuf::from(text(path, "path")?);
         // SAFETY: the header requires a valid context whose tensors outlive the registry.
-        let count = unsafe { state.registry.add_file_backed_context(ctx, &path)? };
-        if let Some(slot) = unsafe_out(count_out) {
-            *slot = count;
-        }
-        Ok(())
+        unsafe { registry.add_file_backed_context(ctx, &path) }
     })
 }
 

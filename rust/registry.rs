@@ -398,7 +398,7 @@ impl Registry {
         // SAFETY: the context and its tensors live as long as this registry or its clones.
         let added = unsafe {
             if file_backed {
-                self.add_file_backed_context(ctx.raw(), path)?
+                self.add_file_backed_parsed(ctx.raw(), path, &file)?
             } else {
                 self.add_ggml_context(ctx.raw())?
             }
@@ -525,12 +525,26 @@ impl Registry {
         ctx: *mut crate::ggml::ggml_context,
         path: &Path,
     ) -> Result<usize> {
-        use crate::ggml as sys;
         self.check_not_frozen("register tensors")?;
         if ctx.is_null() {
             return Err(Error::new(Status::NullPointer, "context is NULL"));
         }
         let file = gguf::read_path(path)?;
+        // SAFETY: forwarded caller guarantee.
+        unsafe { self.add_file_backed_parsed(ctx, path, &file) }
+    }
+
+    /// `add_file_backed_context` with the file already read.
+    ///
+    /// # Safety
+    /// As `add_file_backed_context`; `ctx` is not NULL and `file` was read from `path`.
+    unsafe fn add_file_backed_parsed(
+        &mut self,
+        ctx: *mut crate::ggml::ggml_context,
+        path: &Path,
+        file: &gguf::GgufFile,
+    ) -> Result<usize> {
+        use crate::ggml as sys;
         let by_name: HashMap<&str, &gguf::TensorInfo> =
             file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         let before_tensors = self.tensors.len();

@@ -165,10 +165,12 @@ fn registration_checks_the_file_against_the_host_tensors() {
     let bytes = std::fs::read(&path).unwrap();
     let cut = temp_path("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() - 4096]).unwrap();
+    // SAFETY: the models outlive the engine (both dropped at the end of the test).
     let err = unsafe { engine.register_file_backed(twin.context(), &cut) }.unwrap_err();
     assert_eq!(err.status, Status::CorruptFile, "{err}");
     // An allocated model's tensors are not file-backed.
     let allocated = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
+    // SAFETY: as above.
     let err = unsafe { engine.register_file_backed(allocated.context(), &path) }.unwrap_err();
     assert_eq!(err.status, Status::InvalidArgument, "{err}");
 }

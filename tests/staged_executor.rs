@@ -1,5 +1,7 @@
 //! The C ABI's three-stage executor, driven through the exported functions with callbacks
 //! that build the demo model's graphs: streamed output equals the engine-free reference.
+// C structs are filled field by field after `Default`, as C callers do after `_init`.
+#![allow(clippy::field_reassign_with_default)]
 
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void, CStr};
@@ -15,19 +17,29 @@ struct Host {
     pending: RefCell<Vec<InputFill>>,
 }
 
+/// The `user` pointer every callback gets is the test's `Host`.
+fn host<'a>(user: *mut c_void) -> &'a Host {
+    // SAFETY: the tests pass a pointer to a `Host` that outlives the run_pass call the
+    // callbacks are invoked from.
+    unsafe { &*(user as *const Host) }
+}
+
 unsafe extern "C" fn build_input(
     user: *mut c_void,
     ctx: *mut sys::ggml_context,
 ) -> *mut sys::ggml_tensor {
-    let host = unsafe { &*(user as *const Host) };
+    let host = host(user);
+    // SAFETY: the engine hands a valid no-alloc context for this callback.
     let (x, fills) = unsafe { host.model.build_input(ctx) };
     *host.pending.borrow_mut() = fills;
     x
 }
 
 unsafe extern "C" fn set_inputs(user: *mut c_void) -> c_int {
-    let host = unsafe { &*(user as *const Host) };
+    let host = host(user);
     for fill in host.pending.borrow_mut().drain(..) {
+        // SAFETY: the input graph is allocated (set_inputs runs after that); the bytes match
+        // the tensor they were made for.
         unsafe {
             sys::ggml_backend_tensor_set(
                 fill.tensor,
@@ -46,8 +58,8 @@ unsafe extern "C" fn build_layer(
     layer: u64,
     x: *mut sys::ggml_tensor,
 ) -> *mut sys::ggml_tensor {
-    let host = unsafe { &*(user as *const Host) };
-    unsafe { host.model.build_layer(ctx, layer as usize, x) }
+    // SAFETY: a valid no-alloc context and the activation tensor the engine built.
+    unsafe { host(user).model.build_layer(ctx, layer as usize, x) }
 }
 
 unsafe extern "C" fn build_output(
@@ -55,8 +67,8 @@ unsafe extern "C" fn build_output(
     ctx: *mut sys::ggml_context,
     x: *mut sys::ggml_tensor,
 ) -> *mut sys::ggml_tensor {
-    let host = unsafe { &*(user as *const Host) };
-    unsafe { host.model.build_output(ctx, x) }
+    // SAFETY: as in build_layer.
+    unsafe { host(user).model.build_output(ctx, x) }
 }
 
 unsafe extern "C" fn build_layer_null(
@@ -69,6 +81,7 @@ unsafe extern "C" fn build_layer_null(
 }
 
 fn last_error() -> String {
+    // SAFETY: the library returns a NUL-terminated string valid until the next failure here.
     unsafe { CStr::from_ptr(offload_engine_last_error()) }
         .to_string_lossy()
         .into_owned()
@@ -100,7 +113,7 @@ fn staged_executor_through_the_c_abi_matches_the_reference() {
     backend.set_threads(1);
     let reference = run_reference(&host.model, &backend, 1).unwrap();
 
-    let mut rp: RegistryParams = unsafe { std::mem::zeroed() };
+    let mut rp = RegistryParams::default();
     offload_engine_registry_params_init(&mut rp);
     let mut registry = ptr::null_mut();
     assert_eq!(offload_engine_registry_new(&rp, &mut registry), 0);
@@ -111,7 +124,7 @@ fn staged_executor_through_the_c_abi_matches_the_reference() {
         last_error()
     );
 
-    let mut ep: EngineParamsC = unsafe { std::mem::zeroed() };
+    let mut ep = EngineParamsC::default();
     offload_engine_engine_params_init(&mut ep);
     ep.device = c"CPU".as_ptr();
     ep.budget_bytes = host.model.weight_bytes() / 3;
@@ -124,7 +137,7 @@ fn staged_executor_through_the_c_abi_matches_the_reference() {
     );
     offload_engine_registry_free(registry);
 
-    let mut pp: PlanParams = unsafe { std::mem::zeroed() };
+    let mut pp = PlanParams::default();
     offload_engine_plan_params_init(&mut pp);
     pp.prefetch_depth = 2;
     let mut plan = ptr::null_mut();
@@ -134,7 +147,7 @@ fn staged_executor_through_the_c_abi_matches_the_reference() {
         "{}",
         last_error()
     );
-    let mut summary: PlanSummary = unsafe { std::mem::zeroed() };
+    let mut summary = PlanSummary::default();
     summary.size = std::mem::size_of::<PlanSummary>();
     assert_eq!(offload_engine_plan_get_summary(plan, &mut summary), 0);
     assert_eq!(summary.mode, 1, "streaming");
@@ -209,7 +222,7 @@ fn staged_executor_through_the_c_abi_matches_the_reference() {
     );
     assert!(out == reference);
 
-    let mut stats: StatsC = unsafe { std::mem::zeroed() };
+    let mut stats = StatsC::default();
     stats.size = std::mem::size_of::<StatsC>();
     assert_eq!(offload_engine_engine_stats(engine, &mut stats), 0);
     assert_eq!(
@@ -228,7 +241,7 @@ fn overlapping_calls_on_one_engine_are_refused_not_raced() {
         model: DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap(),
         pending: RefCell::new(Vec::new()),
     };
-    let mut rp: RegistryParams = unsafe { std::mem::zeroed() };
+    let mut rp = RegistryParams::default();
     offload_engine_registry_params_init(&mut rp);
     let mut registry = ptr::null_mut();
     assert_eq!(offload_engine_registry_new(&rp, &mut registry), 0);
@@ -236,14 +249,14 @@ fn overlapping_calls_on_one_engine_are_refused_not_raced() {
         offload_engine_registry_add_context(registry, host.model.context(), ptr::null_mut()),
         0
     );
-    let mut ep: EngineParamsC = unsafe { std::mem::zeroed() };
+    let mut ep = EngineParamsC::default();
     offload_engine_engine_params_init(&mut ep);
     ep.device = c"CPU".as_ptr();
     ep.budget_bytes = host.model.weight_bytes() / 3;
     let mut engine = ptr::null_mut();
     assert_eq!(offload_engine_engine_new(&ep, registry, &mut engine), 0);
     offload_engine_registry_free(registry);
-    let mut pp: PlanParams = unsafe { std::mem::zeroed() };
+    let mut pp = PlanParams::default();
     offload_engine_plan_params_init(&mut pp);
     assert_eq!(
         offload_engine_engine_prepare(engine, &pp, ptr::null_mut()),
@@ -260,7 +273,7 @@ fn overlapping_calls_on_one_engine_are_refused_not_raced() {
                 scope.spawn(move || {
                     (0..2000)
                         .map(|_| {
-                            let mut stats: StatsC = unsafe { std::mem::zeroed() };
+                            let mut stats = StatsC::default();
                             stats.size = std::mem::size_of::<StatsC>();
                             offload_engine_engine_stats(handle as *mut EngineHandle, &mut stats)
                         })
@@ -271,6 +284,7 @@ fn overlapping_calls_on_one_engine_are_refused_not_raced() {
         let runner = scope.spawn(move || {
             (0..20)
                 .map(|_| {
+                    // SAFETY: points at the StagedModelC this test built, alive during the call.
                     let m = unsafe { &*(model_ptr as *const StagedModelC) };
                     offload_engine_engine_run_pass(
                         handle as *mut EngineHandle,
@@ -294,7 +308,7 @@ fn overlapping_calls_on_one_engine_are_refused_not_raced() {
     assert!(flat.contains(&0));
     offload_engine_engine_free(engine);
     // A freed handle is recognised as such from any thread.
-    let mut stats: StatsC = unsafe { std::mem::zeroed() };
+    let mut stats = StatsC::default();
     stats.size = std::mem::size_of::<StatsC>();
     assert_eq!(offload_engine_engine_stats(engine, &mut stats), 3);
 }

@@ -12,6 +12,7 @@
 //!
 //! The two tiny ggml models are built once per process. The ABI lets two live engines redirect
 //! the same tensors, which no host does; the fuzzer keeps at most one live engine per model.
+
 #![no_main]
 
 #[allow(dead_code)]
@@ -45,9 +46,10 @@ struct Model {
     checksum: u64,
 }
 
-// The models are created once, never freed, and only touched from the fuzzing thread (engine
-// copy threads read their data under the engine's own synchronisation).
+// SAFETY: the models are created once, never freed, and only touched from the fuzzing thread
+// (engine copy threads read their data under the engine's own synchronisation).
 unsafe impl Send for Model {}
+// SAFETY: as for Send; shared references only read the pointers.
 unsafe impl Sync for Model {}
 
 static MODELS: OnceLock<[Model; 2]> = OnceLock::new();
@@ -98,6 +100,7 @@ fn build_model(layers: i64, width: i64, global: &str) -> Model {
             *x = (value >> 8) as f32;
         }
     }
+    // SAFETY: tensors of the context allocated above.
     let homes = tensors.iter().map(|&t| unsafe { (*t).data }).collect();
     let mut model = Model {
         ctx,
@@ -363,7 +366,7 @@ fn struct_size(input: &mut Input, real: usize) -> usize {
 }
 
 fn plan_params(input: &mut Input) -> (PlanParams, Option<CString>) {
-    let mut p: PlanParams = unsafe { std::mem::zeroed() };
+    let mut p = PlanParams::default();
     offload_engine_plan_params_init(&mut p);
     p.size = struct_size(input, std::mem::size_of::<PlanParams>());
     let link = if input.bool() {
@@ -519,7 +522,7 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
         7 => {
             let r = state.pick::<RegistryHandle>(input, Kind::Registry);
             let id = index(input, &state.ids);
-            let mut info: TensorInfo = unsafe { std::mem::zeroed() };
+            let mut info = TensorInfo::default();
             info.size = struct_size(input, std::mem::size_of::<TensorInfo>());
             let out = if input.u8() % 8 == 0 {
                 null_mut()
@@ -539,7 +542,7 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
         8 => {
             let r = state.pick::<RegistryHandle>(input, Kind::Registry);
             let layer = index(input, &[]);
-            let mut info: LayerInfo = unsafe { std::mem::zeroed() };
+            let mut info = LayerInfo::default();
             info.size = struct_size(input, std::mem::size_of::<LayerInfo>());
             let out = if input.u8() % 8 == 0 {
                 null_mut()
@@ -733,7 +736,7 @@ fn mark_models(state: &mut State, r: *mut RegistryHandle, which: usize) {
 }
 
 fn registry_new(input: &mut Input, state: &mut State) {
-    let mut params: RegistryParams = unsafe { std::mem::zeroed() };
+    let mut params = RegistryParams::default();
     offload_engine_registry_params_init(&mut params);
     params.size = struct_size(input, std::mem::size_of::<RegistryParams>());
     let pattern = if input.bool() {
@@ -904,7 +907,7 @@ fn check_summary(s: &PlanSummary, message: String) {
 
 /// Every plan handle the library hands out is checked once, whatever the input does next.
 fn check_new_plan(plan: *mut PlanHandle) {
-    let mut s: PlanSummary = unsafe { std::mem::zeroed() };
+    let mut s = PlanSummary::default();
     s.size = std::mem::size_of::<PlanSummary>();
     check(
         offload_engine_plan_get_summary(plan, &mut s),
@@ -917,7 +920,7 @@ fn plan_queries(input: &mut Input, state: &mut State) {
     let p = state.pick::<PlanHandle>(input, Kind::Plan);
     match input.u8() % 3 {
         0 => {
-            let mut s: PlanSummary = unsafe { std::mem::zeroed() };
+            let mut s = PlanSummary::default();
             s.size = struct_size(input, std::mem::size_of::<PlanSummary>());
             let out = if input.u8() % 8 == 0 {
                 null_mut()
@@ -969,7 +972,7 @@ fn engine_new(input: &mut Input, state: &mut State) {
     if models & state.busy != 0 {
         return; // one live engine per model (see the module comment)
     }
-    let mut params: EngineParamsC = unsafe { std::mem::zeroed() };
+    let mut params = EngineParamsC::default();
     offload_engine_engine_params_init(&mut params);
     params.size = struct_size(input, std::mem::size_of::<EngineParamsC>());
     let device = match input.u8() % 8 {
@@ -1013,7 +1016,7 @@ fn engine_stats(input: &mut Input, state: &mut State) {
     let e = state.pick::<EngineHandle>(input, Kind::Engine);
     match input.u8() % 3 {
         0 => {
-            let mut s: StatsC = unsafe { std::mem::zeroed() };
+            let mut s = StatsC::default();
             s.size = struct_size(input, std::mem::size_of::<StatsC>());
             let out = if input.u8() % 8 == 0 {
                 null_mut()
@@ -1033,7 +1036,7 @@ fn engine_stats(input: &mut Input, state: &mut State) {
         }
         1 => {
             let layer = index(input, &[]);
-            let mut s: LayerStatsC = unsafe { std::mem::zeroed() };
+            let mut s = LayerStatsC::default();
             s.size = struct_size(input, std::mem::size_of::<LayerStatsC>());
             let out = if input.u8() % 8 == 0 {
                 null_mut()
