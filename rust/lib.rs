@@ -1,8 +1,6 @@
 //! offload-engine: run ggml models larger than device memory by streaming weights layer by
 //! layer, with outputs identical to a fully resident run. See docs/ARCHITECTURE.md.
 pub mod backend;
-pub mod bench;
-pub mod demo;
 pub mod diskio;
 pub mod engine;
 pub mod error;
@@ -14,10 +12,8 @@ pub mod gguf;
 pub mod log;
 pub mod patterns;
 pub mod pipeline;
-pub mod pipeline_demo;
 pub mod planner;
 pub mod registry;
-pub mod soak;
 pub mod stream;
 pub mod trace;
 pub mod units;

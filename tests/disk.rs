@@ -1,10 +1,12 @@
 //! The disk tier: weights stream straight from the GGUF file; outputs equal the resident run;
 //! read faults and truncated files are errors that name the tensor and offset.
 
+mod builtin_models;
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use offload_engine::demo::{run_reference, run_streamed, Architecture, DemoConfig, DemoModel};
+use builtin_models::{run_reference, run_streamed, Architecture, DemoConfig, DemoModel};
 use offload_engine::engine::{Engine, EngineParams};
 use offload_engine::error::Status;
 use offload_engine::faults::{self, Fault};
@@ -210,7 +212,7 @@ fn a_host_mmap_of_the_file_serves_as_the_home_without_copies() {
             t = sys::ggml_get_next_tensor(twin.context(), t);
         }
     }
-    let run = offload_engine::demo::run_with_engine(
+    let run = builtin_models::run_with_engine(
         &twin,
         params(twin.weight_bytes() / 3, 1),
         &workload(1),

@@ -1,9 +1,11 @@
 //! Streaming correctness on the CPU backend: every budget and prefetch depth gives outputs
 //! bit-identical to the fully resident run.
 
+mod builtin_models;
+
 use std::sync::Mutex;
 
-use offload_engine::demo::{run_reference, run_with_engine, Architecture, DemoConfig, DemoModel};
+use builtin_models::{run_reference, run_with_engine, Architecture, DemoConfig, DemoModel};
 use offload_engine::engine::{Engine, EngineParams};
 use offload_engine::error::Status;
 use offload_engine::faults::{self, Fault};
@@ -390,8 +392,8 @@ fn link_and_graph_measurements() {
 /// that needed it gets the error, nothing crashes, and the next job runs normally.
 #[test]
 fn a_failed_component_reload_is_its_stage_error_and_the_pipeline_recovers() {
+    use builtin_models::pipeline::{components, reference_outputs, DemoPipeline, CFG_PASSES};
     use offload_engine::pipeline::{OffloadMode, PipelineParams};
-    use offload_engine::pipeline_demo::{components, reference_outputs, DemoPipeline, CFG_PASSES};
     let _guard = serial();
     let parts = components(true, 1).unwrap();
     let want = reference_outputs(&parts, Some(&test_device()), 1).unwrap();

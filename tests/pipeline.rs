@@ -3,12 +3,14 @@
 //! move components only when the next stage needs the room, and fail cleanly when nothing
 //! fits. Also: run-time weight changes and GGUF files loaded by the registry.
 
-use offload_engine::demo::{run_reference, Architecture, DemoConfig, DemoModel};
+mod builtin_models;
+
+use builtin_models::pipeline::{components, reference, DemoComponent, DemoPipeline};
+use builtin_models::{run_reference, Architecture, DemoConfig, DemoModel};
 use offload_engine::engine::{Engine, EngineParams};
 use offload_engine::error::Status;
 use offload_engine::executor::{Executor, LayeredModel};
 use offload_engine::pipeline::{OffloadMode, Override, PipelineParams, Placement, Role};
-use offload_engine::pipeline_demo::{components, reference, DemoComponent, DemoPipeline};
 use offload_engine::planner::{Link, Workload};
 use offload_engine::registry::Registry;
 
@@ -44,7 +46,7 @@ fn params(mode: OffloadMode, budget: u64) -> PipelineParams {
         min_free_bytes: 0,
         margin_bytes: 0,
         steps: STEPS,
-        passes_per_step: offload_engine::pipeline_demo::CFG_PASSES,
+        passes_per_step: builtin_models::pipeline::CFG_PASSES,
         ..Default::default()
     }
 }

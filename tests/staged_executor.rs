@@ -3,11 +3,13 @@
 // C structs are filled field by field after `Default`, as C callers do after `_init`.
 #![allow(clippy::field_reassign_with_default)]
 
+mod builtin_models;
+
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 
-use offload_engine::demo::{run_reference, Architecture, DemoConfig, DemoModel};
+use builtin_models::{run_reference, Architecture, DemoConfig, DemoModel};
 use offload_engine::executor::{InputFill, LayeredModel};
 use offload_engine::ffi::*;
 use offload_engine::ggml as sys;

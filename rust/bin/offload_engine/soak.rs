@@ -2,10 +2,11 @@
 //! every output must equal its resident reference, the arena must stay within the plan, and
 //! memory and thread counts must stay flat.
 
-use crate::demo::{run_reference, run_with_engine, Architecture, DemoConfig, DemoModel};
-use crate::engine::EngineParams;
-use crate::error::{Error, Result, Status};
-use crate::planner::Workload;
+use crate::models::{run_reference, run_with_engine, Architecture, DemoConfig, DemoModel};
+use offload_engine::engine::EngineParams;
+use offload_engine::error::{Error, Result, Status};
+use offload_engine::planner::Workload;
+use offload_engine::units::format_bytes;
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SoakReport {
@@ -50,7 +51,7 @@ impl Rng {
 
 pub fn run_soak(engines: u64, passes_per_engine: u64, seed: u64) -> Result<SoakReport> {
     let mut rng = Rng(seed | 1);
-    let backend = crate::backend::Device::select(Some("CPU"))?.init_backend()?;
+    let backend = offload_engine::backend::Device::select(Some("CPU"))?.init_backend()?;
     backend.set_threads(1);
     let mut report = SoakReport::default();
     for round in 0..engines {
@@ -69,7 +70,7 @@ pub fn run_soak(engines: u64, passes_per_engine: u64, seed: u64) -> Result<SoakR
             vocab: 64,
             tokens: 1 + rng.below(4) as i64,
             seed: rng.next(),
-            matrix_type: crate::ggml::GGML_TYPE_F16,
+            matrix_type: offload_engine::ggml::GGML_TYPE_F16,
         };
         let model = DemoModel::new(config)?;
         let reference = run_reference(&model, &backend, 1)?;
@@ -119,4 +120,28 @@ pub fn run_soak(engines: u64, passes_per_engine: u64, seed: u64) -> Result<SoakR
         ));
     }
     Ok(report)
+}
+
+/// `offload-engine soak`: prints the report, or its JSON.
+pub fn soak(engines: u64, passes: u64, seed: u64, json: bool) -> Result<()> {
+    let r = run_soak(engines, passes, seed)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| Error::invalid(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{} engines, {} passes, {} budgets refused as insufficient: {} output mismatches, {} arena overruns",
+        r.engines, r.passes, r.refused_budgets, r.mismatches, r.arena_overruns
+    );
+    println!(
+        "resident memory {} after the first tenth, {} at the end; threads {} then {}",
+        format_bytes(r.rss_after_first_tenth_bytes),
+        format_bytes(r.rss_at_end_bytes),
+        r.threads_after_first_tenth,
+        r.threads_at_end
+    );
+    Ok(())
 }

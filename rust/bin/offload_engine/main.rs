@@ -4,12 +4,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use offload_engine::error::{Error, Result};
 use offload_engine::pipeline::OffloadMode;
-use offload_engine::planner::{self, Budget, Hparams, Link, Workload};
-use offload_engine::registry::Registry;
-use offload_engine::units::{format_bytes, parse_size};
-use offload_engine::{bench, demo, pipeline_demo};
+use offload_engine::planner::Workload;
+use offload_engine::units::parse_size;
+
+mod bench;
+mod demo;
+mod inspect;
+mod models;
+mod pipeline_demo;
+mod plan;
+mod soak;
 
 #[derive(Parser)]
 #[command(
@@ -218,7 +223,7 @@ fn main() -> ExitCode {
             model,
             pattern,
             json,
-        } => inspect(&model, pattern.as_deref(), json),
+        } => inspect::inspect(&model, pattern.as_deref(), json),
         Command::Plan {
             model,
             hparams,
@@ -230,7 +235,7 @@ fn main() -> ExitCode {
             prefetch,
             pattern,
             json,
-        } => plan(PlanArgs {
+        } => plan::plan(plan::PlanArgs {
             model,
             hparams,
             vram,
@@ -250,7 +255,7 @@ fn main() -> ExitCode {
             passes,
             seed,
             json,
-        } => soak(engines, passes, seed, json),
+        } => soak::soak(engines, passes, seed, json),
         Command::Devices => {
             for line in offload_engine::backend::describe_devices() {
                 println!("{line}");
@@ -265,188 +270,4 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-fn load_registry(model: &std::path::Path, pattern: Option<&str>) -> Result<Registry> {
-    let pattern = pattern.map(Registry::pattern_from_arg).transpose()?;
-    let mut registry = Registry::new(pattern);
-    registry.add_gguf(model)?;
-    registry.finalize();
-    Ok(registry)
-}
-
-fn inspect(model: &std::path::Path, pattern: Option<&str>, json: bool) -> Result<()> {
-    let mut registry = load_registry(model, pattern)?;
-    let architecture = registry.architecture();
-    let global_bytes = registry.global_bytes();
-    let global_count = registry.global_tensors().len();
-    let total = registry.total_bytes();
-    let count = registry.tensor_count();
-    let layers = registry.layers().to_vec();
-    if json {
-        let doc = serde_json::json!({
-            "architecture": architecture,
-            "layers": layers.iter().map(|l| serde_json::json!({
-                "name": l.name, "component": l.component.as_str(), "tensors": l.tensors.len(), "bytes": l.bytes
-            })).collect::<Vec<_>>(),
-            "global_bytes": global_bytes,
-            "global_tensors": global_count,
-            "total_bytes": total,
-            "tensor_count": count,
-        });
-        println!("{doc}");
-        return Ok(());
-    }
-    println!("model:        {}", model.display());
-    println!("architecture: {architecture}");
-    println!();
-    println!(
-        "{:>5}  {:<28} {:<16} {:>8} {:>12}",
-        "index", "layer", "component", "tensors", "bytes"
-    );
-    for (i, l) in layers.iter().enumerate() {
-        println!(
-            "{:>5}  {:<28} {:<16} {:>8} {:>12}",
-            i,
-            l.name,
-            l.component.as_str(),
-            l.tensors.len(),
-            format_bytes(l.bytes)
-        );
-    }
-    println!(
-        "{:>5}  {:<28} {:<16} {:>8} {:>12}",
-        "-",
-        "(global)",
-        "",
-        global_count,
-        format_bytes(global_bytes)
-    );
-    println!();
-    println!(
-        "{} layers, {} tensors, {} total; global group {} ({:.1}%){}",
-        layers.len(),
-        count,
-        format_bytes(total),
-        format_bytes(global_bytes),
-        if total > 0 {
-            100.0 * global_bytes as f64 / total as f64
-        } else {
-            0.0
-        },
-        if total > 0 && global_bytes * 2 > total {
-            " -- more than half is unmatched: check the pattern"
-        } else {
-            ""
-        }
-    );
-    Ok(())
-}
-
-struct PlanArgs {
-    model: Option<PathBuf>,
-    hparams: Option<String>,
-    vram: Option<u64>,
-    free_vram: Option<u64>,
-    link: String,
-    workload: Workload,
-    pattern: Option<String>,
-    json: bool,
-}
-
-fn plan(args: PlanArgs) -> Result<()> {
-    let cost = match (&args.model, &args.hparams) {
-        (Some(path), None) => load_registry(path, args.pattern.as_deref())?.model_cost(),
-        (None, Some(spec)) => Hparams::parse(spec)?.to_model_cost(),
-        _ => {
-            return Err(Error::invalid(
-                "give a MODEL.gguf or --hparams (one of them)",
-            ))
-        }
-    };
-    let free = match (args.vram, args.free_vram) {
-        (Some(v), None) | (None, Some(v)) => v,
-        _ => {
-            return Err(Error::invalid(
-                "give --vram SIZE or --free-vram SIZE (one of them)",
-            ))
-        }
-    };
-    let mut budget = Budget::from_free(free);
-    budget.total_bytes = free;
-    let link = match args.link.parse::<f64>() {
-        Ok(gbps) => Link::from_gbps(gbps)?,
-        Err(_) => Link::named(&args.link)?,
-    };
-    let plan = planner::plan(&cost, &budget, &args.workload, &link)?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&plan).map_err(|e| Error::invalid(e.to_string()))?
-        );
-    } else {
-        println!("mode:                {}", plan.mode.as_str());
-        println!(
-            "layers:              {} resident, {} streamed",
-            plan.resident_layers.len(),
-            plan.streamed_layers.len()
-        );
-        println!(
-            "slots:               {} x {}",
-            plan.slot_count,
-            format_bytes(plan.slot_bytes)
-        );
-        println!(
-            "full cache needs:    {}",
-            format_bytes(plan.full_cache_bytes)
-        );
-        println!(
-            "streaming needs:     {}",
-            format_bytes(plan.streaming_bytes)
-        );
-        println!("usable:              {}", format_bytes(plan.usable_bytes));
-        println!(
-            "largest layer:       {}",
-            format_bytes(plan.layer_bytes_max)
-        );
-        println!("moved per step:      {}", format_bytes(plan.bytes_per_step));
-        println!("moved per run:       {}", format_bytes(plan.bytes_per_run));
-        println!(
-            "predicted step:      {:.3} s over {}",
-            plan.predicted_step_seconds,
-            link.describe()
-        );
-        println!("{}", planner::memory_bar(&plan, &budget, 60));
-        println!("{}", plan.message);
-    }
-    if plan.mode == planner::Mode::Insufficient {
-        return Err(Error::new(
-            offload_engine::error::Status::InsufficientMemory,
-            plan.message,
-        ));
-    }
-    Ok(())
-}
-
-fn soak(engines: u64, passes: u64, seed: u64, json: bool) -> Result<()> {
-    let r = offload_engine::soak::run_soak(engines, passes, seed)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(&r).map_err(|e| Error::invalid(e.to_string()))?
-        );
-        return Ok(());
-    }
-    println!(
-        "{} engines, {} passes, {} budgets refused as insufficient: {} output mismatches, {} arena overruns",
-        r.engines, r.passes, r.refused_budgets, r.mismatches, r.arena_overruns
-    );
-    println!(
-        "resident memory {} after the first tenth, {} at the end; threads {} then {}",
-        format_bytes(r.rss_after_first_tenth_bytes),
-        format_bytes(r.rss_at_end_bytes),
-        r.threads_after_first_tenth,
-        r.threads_at_end
-    );
-    Ok(())
 }

@@ -3,12 +3,12 @@
 
 use std::time::Instant;
 
-use crate::demo::{run_with_engine, Architecture, DemoConfig, DemoModel};
-use crate::engine::{Engine, EngineParams};
-use crate::error::Result;
-use crate::executor::{Executor, LayeredModel};
-use crate::planner::{Link, Workload};
-use crate::units::format_bytes;
+use crate::models::{run_with_engine, Architecture, DemoConfig, DemoModel};
+use offload_engine::engine::{Engine, EngineParams};
+use offload_engine::error::Result;
+use offload_engine::executor::{Executor, LayeredModel};
+use offload_engine::planner::{Link, Workload};
+use offload_engine::units::format_bytes;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
@@ -107,14 +107,15 @@ fn resident_overhead(
     // SAFETY: the model outlives this engine.
     unsafe { engine.register_context(model.context())? };
     let plan = engine.prepare(&Workload::default(), &Link::named("ddr4")?)?;
-    if plan.mode != crate::planner::Mode::Full {
-        return Err(crate::error::Error::new(
-            crate::error::Status::Internal,
+    if plan.mode != offload_engine::planner::Mode::Full {
+        return Err(offload_engine::error::Error::new(
+            offload_engine::error::Status::Internal,
             "resident run did not plan full",
         ));
     }
     let mut with_engine = Executor::new(engine.backend(), model.activation_shape())?;
-    let backend = crate::backend::Device::select(Some(&engine.device().name))?.init_backend()?;
+    let backend =
+        offload_engine::backend::Device::select(Some(&engine.device().name))?.init_backend()?;
     backend.set_threads(1);
     let mut without = Executor::new(&backend, twin.activation_shape())?;
     let (mut engine_best, mut plain_best) = (f64::MAX, f64::MAX);
@@ -165,15 +166,15 @@ fn registry_figures() -> Result<(f64, f64)> {
         })
         .collect();
     let start = Instant::now();
-    let mut registry = crate::registry::Registry::new(None);
+    let mut registry = offload_engine::registry::Registry::new(None);
     for name in &names {
-        registry.add(crate::registry::TensorDesc {
+        registry.add(offload_engine::registry::TensorDesc {
             name,
             ggml_type: 1,
             dims: &[64, 64],
             bytes: 8192,
-            source: crate::registry::Source::Descriptor,
-            location: crate::registry::Location::Host,
+            source: offload_engine::registry::Source::Descriptor,
+            location: offload_engine::registry::Location::Host,
         })?;
     }
     registry.finalize();
@@ -226,14 +227,16 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
 
     // The machine is shared: every configuration runs once per round, rounds interleaved, and
     // each figure is the best pass over all rounds, so slow spells hit all of them alike.
-    let bench_device = crate::backend::Device::select(device)?;
+    let bench_device = offload_engine::backend::Device::select(device)?;
     let backend = bench_device.init_backend()?;
     backend.set_threads(1);
     let mut executor = Executor::new(&backend, model.activation_shape())?;
     let on_device = DemoModel::on_device(config.clone(), &bench_device)?;
     // Where the device has pinned host memory (a GPU), the link is the yardstick.
-    let (_, pinned) =
-        crate::engine::measure_link(&bench_device, if quick { 16 << 20 } else { 256 << 20 })?;
+    let (_, pinned) = offload_engine::engine::measure_link(
+        &bench_device,
+        if quick { 16 << 20 } else { 256 << 20 },
+    )?;
     let (mut full_t, mut streamed_t, mut naive_t, mut copy_t) = (vec![], vec![], vec![], vec![]);
     let mut outputs = Vec::new();
     let mut streamed_stats = None;
@@ -278,7 +281,7 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
 
     let streaming_copy = streamed.bytes_copied as f64 / (streamed.copy_us.max(1) as f64 / 1e6);
     let limit = compute_time.max(copy_time);
-    let device_name = crate::backend::Device::select(device)?.name;
+    let device_name = offload_engine::backend::Device::select(device)?.name;
     Ok(BenchReport {
         device: device_name,
         model_bytes: weights,
@@ -299,7 +302,7 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
         resident_through_engine_ms: resident_time * 1e3,
         resident_overhead_fraction: resident_time / reference - 1.0,
         trace_overlap_ms: traced.overlap_us as f64 / 1e3,
-        plan_1000_layers_ms: crate::planner::bench_plan_1000_layers() * 1e3,
+        plan_1000_layers_ms: offload_engine::planner::bench_plan_1000_layers() * 1e3,
         registry_100k_ms: registry_ms,
         registry_bytes_per_tensor: bytes_per_tensor,
         bit_identical: outputs.windows(2).all(|w| w[0] == w[1]) && traced.output == outputs[0],
@@ -397,7 +400,7 @@ fn peak_rss() -> u64 {
 
 /// Streams a model at least 8 times larger than its slot ring from its GGUF file.
 pub fn measure_disk(quick: bool) -> Result<DiskBenchReport> {
-    use crate::demo::run_streamed;
+    use crate::models::run_streamed;
     let config = if quick {
         DemoConfig {
             hidden: 256,
@@ -416,13 +419,14 @@ pub fn measure_disk(quick: bool) -> Result<DiskBenchReport> {
     };
     let dir =
         std::env::temp_dir().join(format!("offload-engine-disk-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| crate::error::Error::io(dir.display(), e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| offload_engine::error::Error::io(dir.display(), e))?;
     let path = dir.join("model.gguf");
     let reference = {
         let model = DemoModel::new(config.clone())?;
-        let backend = crate::backend::Device::select(Some("CPU"))?.init_backend()?;
+        let backend = offload_engine::backend::Device::select(Some("CPU"))?.init_backend()?;
         backend.set_threads(1);
-        let out = crate::demo::run_reference(&model, &backend, 1)?;
+        let out = crate::models::run_reference(&model, &backend, 1)?;
         model.write_gguf(&path)?;
         out
     };
@@ -446,19 +450,19 @@ pub fn measure_disk(quick: bool) -> Result<DiskBenchReport> {
     // Peak RSS from here on: the model in memory above is gone.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 
-    let sequential_warm = crate::diskio::sequential_read_bandwidth(&path, 8 << 20)?;
+    let sequential_warm = offload_engine::diskio::sequential_read_bandwidth(&path, 8 << 20)?;
     let warm = run_streamed(&twin, Some(&path), params.clone(), &workload, 1, None)?;
-    crate::diskio::drop_page_cache(&path)?;
-    let sequential_cold = crate::diskio::sequential_read_bandwidth(&path, 8 << 20)?;
-    crate::diskio::drop_page_cache(&path)?;
+    offload_engine::diskio::drop_page_cache(&path)?;
+    let sequential_cold = offload_engine::diskio::sequential_read_bandwidth(&path, 8 << 20)?;
+    offload_engine::diskio::drop_page_cache(&path)?;
     let cold = run_streamed(&twin, Some(&path), params, &workload, 1, None)?;
     let peak = peak_rss();
 
-    let throughput = |r: &crate::demo::RunResult| {
+    let throughput = |r: &crate::models::RunResult| {
         r.stats.bytes_copied as f64 / (r.stats.copy_us.max(1) as f64 / 1e6)
     };
     let ring = u64::from(warm.plan.slot_count) * warm.plan.slot_bytes;
-    let direct = crate::diskio::FileSet::open(std::slice::from_ref(&path))?.direct(0);
+    let direct = offload_engine::diskio::FileSet::open(std::slice::from_ref(&path))?.direct(0);
     let (fw, fc) = (
         throughput(&warm) / sequential_warm,
         throughput(&cold) / sequential_cold,

@@ -1,15 +1,15 @@
-//! Built-in models with deterministic weights and realistic tensor names, for the demo, the
-//! benchmarks and the streaming tests. Two architectures with different naming schemes and
+//! The command's built-in models with deterministic weights and realistic tensor names, for
+//! the demo, the benchmarks and the streaming tests (which include this module by path). Two architectures with different naming schemes and
 //! layer sizes: a llama-style decoder (`blk.N.*`) and a Flux-style stack
 //! (`double_blocks.N.*` then `single_blocks.N.*`).
 
 use std::ffi::CString;
 use std::ptr::NonNull;
 
-use crate::backend::Backend;
-use crate::error::{Error, Result, Status};
-use crate::executor::{InputFill, LayeredModel};
-use crate::ggml as sys;
+use offload_engine::backend::Backend;
+use offload_engine::error::{Error, Result, Status};
+use offload_engine::executor::{InputFill, LayeredModel};
+use offload_engine::ggml as sys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -127,11 +127,17 @@ pub struct DemoModel {
 impl DemoModel {
     /// Weights in host memory, like a host that loaded them.
     pub fn new(config: DemoConfig) -> Result<DemoModel> {
-        DemoModel::on_device(config, &crate::backend::Device::select(Some("CPU"))?)
+        DemoModel::on_device(
+            config,
+            &offload_engine::backend::Device::select(Some("CPU"))?,
+        )
     }
 
     /// Weights in `device`'s own memory: the run without any engine on that device.
-    pub fn on_device(config: DemoConfig, device: &crate::backend::Device) -> Result<DemoModel> {
+    pub fn on_device(
+        config: DemoConfig,
+        device: &offload_engine::backend::Device,
+    ) -> Result<DemoModel> {
         let mut model = DemoModel::unallocated(config)?;
         let buft = device.buffer_type();
         // SAFETY: allocates every tensor of the context in one host buffer.
@@ -286,10 +292,10 @@ impl DemoModel {
         if self.buffer.is_none() {
             return Err(Error::state("the model has no weights in memory to write"));
         }
-        let mut writer = crate::gguf::Writer::new();
+        let mut writer = offload_engine::gguf::Writer::new();
         writer.add_kv(
             "general.architecture",
-            crate::gguf::Value::Str("offload-engine-demo".into()),
+            offload_engine::gguf::Value::Str("offload-engine-demo".into()),
         );
         let mut tensors = Vec::new();
         // SAFETY: iterating our own context's allocated tensors.
@@ -308,7 +314,7 @@ impl DemoModel {
             }
         }
         writer.write_path(path)?;
-        let layout = crate::gguf::read_path(path)?;
+        let layout = offload_engine::gguf::read_path(path)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(path)
@@ -547,7 +553,7 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 
 /// Runs `passes` forward passes fully resident without any engine: the reference.
 pub fn run_reference(model: &DemoModel, backend: &Backend, passes: usize) -> Result<Vec<u8>> {
-    let mut executor = crate::executor::Executor::new(backend, model.activation_shape())?;
+    let mut executor = offload_engine::executor::Executor::new(backend, model.activation_shape())?;
     let mut out = Vec::new();
     for _ in 0..passes.max(1) {
         out = executor.run_pass(model, None)?;
@@ -559,16 +565,16 @@ pub fn run_reference(model: &DemoModel, backend: &Backend, passes: usize) -> Res
 pub struct RunResult {
     pub output: Vec<u8>,
     pub pass_seconds: Vec<f64>,
-    pub stats: crate::stream::StreamStats,
-    pub plan: crate::planner::Plan,
+    pub stats: offload_engine::stream::StreamStats,
+    pub plan: offload_engine::planner::Plan,
     pub overlap_us: u64,
 }
 
 /// Runs `passes` forward passes of `model` through an engine with the given budget.
 pub fn run_with_engine(
     model: &DemoModel,
-    params: crate::engine::EngineParams,
-    workload: &crate::planner::Workload,
+    params: offload_engine::engine::EngineParams,
+    workload: &offload_engine::planner::Workload,
     passes: usize,
     trace_path: Option<&std::path::Path>,
 ) -> Result<RunResult> {
@@ -580,13 +586,13 @@ pub fn run_with_engine(
 pub fn run_streamed(
     model: &DemoModel,
     file: Option<&std::path::Path>,
-    mut params: crate::engine::EngineParams,
-    workload: &crate::planner::Workload,
+    mut params: offload_engine::engine::EngineParams,
+    workload: &offload_engine::planner::Workload,
     passes: usize,
     trace_path: Option<&std::path::Path>,
 ) -> Result<RunResult> {
     params.trace = params.trace || trace_path.is_some();
-    let mut engine = crate::engine::Engine::new(params)?;
+    let mut engine = offload_engine::engine::Engine::new(params)?;
     // SAFETY: the model's context and tensors outlive the engine (dropped at the end here).
     unsafe {
         match file {
@@ -594,9 +600,10 @@ pub fn run_streamed(
             None => engine.register_context(model.context())?,
         }
     };
-    let link = crate::planner::Link::named("ddr4")?;
+    let link = offload_engine::planner::Link::named("ddr4")?;
     let plan = engine.prepare(workload, &link)?.clone();
-    let mut executor = crate::executor::Executor::new(engine.backend(), model.activation_shape())?;
+    let mut executor =
+        offload_engine::executor::Executor::new(engine.backend(), model.activation_shape())?;
     let mut output = Vec::new();
     let mut pass_seconds = Vec::with_capacity(passes);
     for _ in 0..passes.max(1) {
@@ -623,129 +630,4 @@ pub fn run_streamed(
     })
 }
 
-pub struct DemoOptions {
-    pub budget: Option<u64>,
-    pub prefetch: u32,
-    pub passes: usize,
-    pub trace: Option<std::path::PathBuf>,
-    pub device: Option<String>,
-    pub threads: i32,
-    pub tiny: bool,
-}
-
-fn mean_ms(seconds: &[f64]) -> f64 {
-    seconds.iter().sum::<f64>() / seconds.len().max(1) as f64 * 1e3
-}
-
-/// The README's main job: the demo model fully resident, then streamed, outputs compared.
-pub fn run_demo(options: &DemoOptions) -> Result<()> {
-    use crate::units::format_bytes;
-    let config = if options.tiny {
-        DemoConfig::tiny(Architecture::Llama)
-    } else {
-        DemoConfig::default_llama()
-    };
-    println!(
-        "building the demo model: {} layers, hidden {}, ffn {}, {} tokens",
-        config.layers, config.hidden, config.ffn, config.tokens
-    );
-    let model = DemoModel::new(config)?;
-    let weights = model.weight_bytes();
-    println!(
-        "weights: {} (f16 matrices, f32 norms)",
-        format_bytes(weights)
-    );
-    let params = |budget: u64, depth: u32| crate::engine::EngineParams {
-        device: options.device.clone(),
-        budget_bytes: Some(budget),
-        prefetch_depth: depth,
-        compute_threads: options.threads,
-        ..Default::default()
-    };
-    let workload = crate::planner::Workload {
-        steps: options.passes.max(1) as u32,
-        passes_per_step: 1,
-        prefetch_depth: options.prefetch,
-        ..Default::default()
-    };
-
-    println!("\n== fully resident run ==");
-    let resident = run_with_engine(
-        &model,
-        params(weights.saturating_mul(2), options.prefetch),
-        &workload,
-        options.passes,
-        None,
-    )?;
-    println!(
-        "plan: {} ({})",
-        resident.plan.mode.as_str(),
-        resident.plan.message
-    );
-    for (i, s) in resident.pass_seconds.iter().enumerate() {
-        println!("  pass {i}: {:.1} ms", s * 1e3);
-    }
-
-    let budget = options.budget.unwrap_or(weights / 3);
-    println!("\n== streamed run, budget {} ==", format_bytes(budget));
-    let streamed = run_with_engine(
-        &model,
-        params(budget, options.prefetch),
-        &workload,
-        options.passes,
-        options.trace.as_deref(),
-    )?;
-    let plan = &streamed.plan;
-    println!(
-        "plan: {}: {} layers resident, {} streamed through {} slots of {} (prefetch depth {})",
-        plan.mode.as_str(),
-        plan.resident_layers.len(),
-        plan.streamed_layers.len(),
-        plan.slot_count,
-        format_bytes(plan.slot_bytes),
-        options.prefetch
-    );
-    println!("      {}", plan.message);
-    for (i, s) in streamed.pass_seconds.iter().enumerate() {
-        println!("  pass {i}: {:.1} ms", s * 1e3);
-    }
-    let stats = &streamed.stats;
-    println!(
-        "moved {} in {} layer loads ({} per pass); copy {:.1} ms, waited {:.1} ms, compute {:.1} ms; arena {}",
-        format_bytes(stats.bytes_copied),
-        stats.layer_loads,
-        format_bytes(stats.bytes_copied / stats.passes.max(1)),
-        stats.copy_us as f64 / 1e3,
-        stats.wait_us as f64 / 1e3,
-        stats.compute_us as f64 / 1e3,
-        format_bytes(stats.arena_bytes)
-    );
-    if let Some(path) = &options.trace {
-        println!(
-            "trace written to {} (copy/compute overlap {:.1} ms)",
-            path.display(),
-            streamed.overlap_us as f64 / 1e3
-        );
-    }
-    let identical = resident.output == streamed.output;
-    println!(
-        "\nresident {:.1} ms/pass, streamed {:.1} ms/pass; output checksum {:016x} vs {:016x}: {}",
-        mean_ms(&resident.pass_seconds),
-        mean_ms(&streamed.pass_seconds),
-        checksum(&resident.output),
-        checksum(&streamed.output),
-        if identical {
-            "bit-identical"
-        } else {
-            "DIFFERENT"
-        }
-    );
-    if identical {
-        Ok(())
-    } else {
-        Err(Error::new(
-            Status::Internal,
-            "streamed output differs from the resident run",
-        ))
-    }
-}
+pub mod pipeline;
