@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result, Status};
 use crate::faults::{self, Fault};
+use crate::gguf::FileStamp;
 
 /// Alignment of offsets, lengths and buffers for direct I/O (covers 512 B and 4 KiB sectors).
 pub const DIRECT_ALIGNMENT: u64 = 4096;
@@ -86,6 +87,13 @@ impl Drop for Mapping {
     }
 }
 
+/// A model file a registry streams from, with the stamp it had when its tensors were read.
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    pub path: PathBuf,
+    pub stamp: Option<FileStamp>,
+}
+
 /// The model files of a registry, open for reading from any thread.
 pub struct FileSet {
     files: Vec<OpenFile>,
@@ -99,10 +107,25 @@ pub struct ReadFailure {
 }
 
 impl FileSet {
-    pub fn open(paths: &[PathBuf]) -> Result<FileSet> {
-        let mut files = Vec::with_capacity(paths.len());
-        for path in paths {
-            let buffered = File::open(path).map_err(|e| Error::io(path.display(), e))?;
+    /// Opens every file; one that is no longer the file its tensors were read from (another
+    /// file at the path, or the same one rewritten) is refused: its offsets may be wrong.
+    pub fn open(model_files: &[ModelFile]) -> Result<FileSet> {
+        let mut files = Vec::with_capacity(model_files.len());
+        for model_file in model_files {
+            let path = &model_file.path;
+            let (buffered, stamp) = crate::gguf::open_regular(path)?;
+            if let Some(registered) = &model_file.stamp {
+                let changes = stamp.changes_since(registered);
+                if !changes.is_empty() {
+                    return Err(Error::new(
+                        Status::Io,
+                        format!(
+                            "{}: the model file changed since its tensors were registered ({changes}); register it again",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
             let direct = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_DIRECT)

@@ -10,7 +10,7 @@ use crate::backend::{Backend, Buffer, Device};
 use crate::error::{Error, Result, Status};
 use crate::ggml as sys;
 use crate::planner::{self, Budget, LayerCost, Link, ModelCost, Plan, Workload};
-use crate::registry::{Location, Registry, Source, TensorId};
+use crate::registry::{Location, Registry, Source, TensorClaim, TensorId};
 use crate::stream::{
     layout_file_layer, layout_layer, LayerImage, StreamConfig, StreamStats, Streamer, TensorPlace,
     TensorSource,
@@ -18,6 +18,10 @@ use crate::stream::{
 
 /// Alignment of tensors inside layer images; a multiple of every ggml backend's alignment.
 const IMAGE_ALIGNMENT: u64 = 256;
+
+/// Most compute threads an engine asks its backend for. ggml aborts when it cannot start the
+/// threads it was told to use, so the number is bounded before it gets there.
+pub const MAX_COMPUTE_THREADS: i32 = 256;
 
 #[derive(Debug, Clone)]
 pub struct EngineParams {
@@ -71,8 +75,8 @@ pub struct Engine {
     trace: crate::trace::Trace,
     /// The counters of the last placement, kept when the engine leaves the device.
     released_stats: Option<StreamStats>,
-    /// A pipeline places this engine; the host must not prepare it itself.
-    managed: bool,
+    /// This engine's hold on its host tensors; dropped after the streamer has restored them.
+    claim: TensorClaim,
 }
 
 // SAFETY: the engine's raw pointers are the host's registered tensors and ggml objects it
@@ -116,6 +120,14 @@ impl Engine {
                 params.prefetch_depth
             )));
         }
+        if !(1..=MAX_COMPUTE_THREADS).contains(&params.compute_threads) {
+            return Err(Error::invalid(format!(
+                "compute threads {} must be 1..{MAX_COMPUTE_THREADS}",
+                params.compute_threads
+            )));
+        }
+        let mut claim = TensorClaim::default();
+        registry.claim(&mut claim)?;
         let device = Device::select(params.device.as_deref())?;
         let backend = device.init_backend()?;
         backend.set_threads(params.compute_threads);
@@ -132,7 +144,7 @@ impl Engine {
             measured: None,
             pass_started: None,
             released_stats: None,
-            managed: false,
+            claim,
             trace,
         })
     }
@@ -227,16 +239,8 @@ impl Engine {
     /// host home, the staging copy and the device copy of a resident layer. Streamed layers
     /// carry it from their next copy on (prefetched copies are dropped first).
     pub fn update_tensor(&mut self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
-        let id = self.registry.find(name)?;
-        let entry = self.registry.tensor(id)?;
-        let end = offset.checked_add(data.len() as u64);
-        if end.is_none_or(|end| end > entry.bytes) {
-            return Err(Error::invalid(format!(
-                "tensor '{name}' has {} bytes; cannot write {} at offset {offset}",
-                entry.bytes,
-                data.len()
-            )));
-        }
+        self.check_tensor_write(name, offset, data.len() as u64)?;
+        let entry = self.registry.tensor(self.registry.find(name)?)?;
         let tensor = match entry.source {
             Source::Ggml(tensor) => tensor,
             Source::GgmlFile { .. } => {
@@ -270,6 +274,18 @@ impl Engine {
         }
     }
 
+    /// Whether `len` bytes at `offset` lie inside tensor `name`.
+    pub fn check_tensor_write(&self, name: &str, offset: u64, len: u64) -> Result<()> {
+        let entry = self.registry.tensor(self.registry.find(name)?)?;
+        if offset.checked_add(len).is_none_or(|end| end > entry.bytes) {
+            return Err(Error::invalid(format!(
+                "tensor '{name}' has {} bytes; cannot write {len} at offset {offset}",
+                entry.bytes
+            )));
+        }
+        Ok(())
+    }
+
     /// Declares device memory the host needs besides the weights (compute buffer, KV cache).
     /// Takes effect at the next `prepare` (plan or re-plan).
     pub fn set_reserve(&mut self, bytes: u64) -> Result<()> {
@@ -293,7 +309,9 @@ impl Engine {
         name: Option<&str>,
     ) -> Result<TensorId> {
         // SAFETY: forwarded caller guarantee.
-        unsafe { self.registry.add_ggml_tensor(tensor, name) }
+        let id = unsafe { self.registry.add_ggml_tensor(tensor, name)? };
+        self.registry.claim(&mut self.claim)?;
+        Ok(id)
     }
 
     /// Disk tier: registers a no_alloc context's tensors whose data stays in `path`.
@@ -306,7 +324,9 @@ impl Engine {
         path: &std::path::Path,
     ) -> Result<usize> {
         // SAFETY: forwarded caller guarantee.
-        unsafe { self.registry.add_file_backed_context(ctx, path) }
+        let count = unsafe { self.registry.add_file_backed_context(ctx, path)? };
+        self.registry.claim(&mut self.claim)?;
+        Ok(count)
     }
 
     /// Registers every tensor of a ggml context.
@@ -315,7 +335,9 @@ impl Engine {
     /// `ctx` must be a valid context whose tensors outlive the engine.
     pub unsafe fn register_context(&mut self, ctx: *mut sys::ggml_context) -> Result<usize> {
         // SAFETY: forwarded caller guarantee.
-        unsafe { self.registry.add_ggml_context(ctx) }
+        let count = unsafe { self.registry.add_ggml_context(ctx)? };
+        self.registry.claim(&mut self.claim)?;
+        Ok(count)
     }
 
     /// The budget this engine plans with: the user's figure, else the device's free memory.
@@ -400,6 +422,17 @@ impl Engine {
     /// Calling it again between runs re-plans: free device memory is measured anew, and the
     /// per-layer compute times and copy bandwidth measured so far replace table values.
     pub fn prepare(&mut self, workload: &Workload, link: &Link) -> Result<&Plan> {
+        self.prepare_within(workload, link, None)
+    }
+
+    /// As `prepare`, with `budget` (free memory, margins, reserves) for this placement only
+    /// instead of the engine's own budget; later placements use the engine's budget again.
+    pub fn prepare_within(
+        &mut self,
+        workload: &Workload,
+        link: &Link,
+        budget: Option<Budget>,
+    ) -> Result<&Plan> {
         if let Some(streamer) = &self.streamer {
             if streamer.in_pass() {
                 return Err(Error::state(
@@ -440,7 +473,7 @@ impl Engine {
                 link = measured_link.clone();
             }
         }
-        let mut budget = self.budget();
+        let mut budget = budget.unwrap_or_else(|| self.budget());
         let files = Arc::new(FileSet::open(self.registry.files())?);
         // The device may refuse the arena even when the numbers said it fits (fragmentation,
         // another process): plan again for less memory, one resident layer's worth at a time.
@@ -656,15 +689,6 @@ impl Engine {
             .map(Streamer::stats)
             .or_else(|| self.released_stats.clone())
             .ok_or_else(|| Error::state("the engine has no plan yet (call prepare first)"))
-    }
-
-    /// Marks the engine as placed by a pipeline (the host's own `prepare` is then refused).
-    pub fn set_managed(&mut self, managed: bool) {
-        self.managed = managed;
-    }
-
-    pub fn is_managed(&self) -> bool {
-        self.managed
     }
 
     pub fn reset_stats(&mut self) -> Result<()> {

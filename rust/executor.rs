@@ -48,7 +48,22 @@ pub trait LayeredModel {
     ) -> *mut sys::ggml_tensor;
 }
 
-const GRAPH_NODES: usize = 16384;
+/// Tensors one builder call (one stage, one layer) may create. Graphs are sized from what
+/// the builders made, so this is the only limit: a builder that creates more runs ggml out of
+/// context memory, which aborts.
+pub const MAX_BUILDER_TENSORS: usize = 32768;
+
+/// Consecutive resident layers share one graph (and builder context) while it holds fewer
+/// than this many tensors, so the next layer still has MAX_BUILDER_TENSORS of room.
+const MERGE_BELOW_TENSORS: usize = MAX_BUILDER_TENSORS;
+
+/// Types ggml can copy into the f32 activation on every backend.
+fn activation_type_ok(ty: sys::ggml_type) -> bool {
+    matches!(
+        ty,
+        sys::GGML_TYPE_F32 | sys::GGML_TYPE_F16 | sys::GGML_TYPE_BF16
+    )
+}
 
 /// Runs passes of a `LayeredModel` on one backend, with or without an engine.
 pub struct Executor {
@@ -59,6 +74,37 @@ pub struct Executor {
     _act_ctx: Context,
     act_buffer: NonNull<sys::ggml_backend_buffer>,
     activations: [*mut sys::ggml_tensor; 2],
+    /// The context builders create nodes in, reused from graph to graph (reset each time).
+    builder: Context,
+}
+
+// SAFETY: the allocator, activation buffer and tensors are ggml objects this executor owns
+// alone; ggml does not tie them to the thread that made them, and the C handle that holds an
+// executor uses it behind a mutex, one call at a time.
+unsafe impl Send for Executor {}
+
+/// The distinct tensors a graph computing `out` visits (nodes and leafs), not counting those
+/// in `seen` already; adds them to `seen`. ggml's graph must be at least this large.
+fn count_new_tensors(
+    out: *mut sys::ggml_tensor,
+    seen: &mut std::collections::HashSet<usize>,
+) -> usize {
+    let mut stack = vec![out];
+    let mut added = 0;
+    while let Some(t) = stack.pop() {
+        if t.is_null() || !seen.insert(t as usize) {
+            continue;
+        }
+        added += 1;
+        // SAFETY: tensors reachable from a builder's result are valid ggml tensors (of our
+        // contexts, the host's weights, or the activations).
+        for &src in unsafe { &(*t).src } {
+            if !src.is_null() {
+                stack.push(src);
+            }
+        }
+    }
+    added
 }
 
 impl Executor {
@@ -68,6 +114,15 @@ impl Executor {
                 "activation shape {shape:?} must be positive"
             )));
         }
+        // ggml sizes are int64: the element count and its f32 bytes must fit.
+        let elements = shape[0]
+            .checked_mul(shape[1])
+            .filter(|&n| n <= i64::MAX / 4)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "activation shape {shape:?} has more elements than ggml can size"
+                ))
+            })?;
         // SAFETY: valid backend.
         let buft = unsafe { sys::ggml_backend_get_default_buffer_type(backend.raw()) };
         // SAFETY: valid buffer type.
@@ -77,7 +132,7 @@ impl Executor {
         let act_ctx = Context::new(4 * unsafe { sys::ggml_tensor_overhead() }, true)?;
         let mut activations = [std::ptr::null_mut(); 2];
         for a in &mut activations {
-            // SAFETY: valid context with room for the two tensors.
+            // SAFETY: valid context with room for the two tensors; the shape fits int64.
             *a = unsafe {
                 sys::ggml_new_tensor_2d(act_ctx.raw(), sys::GGML_TYPE_F32, shape[0], shape[1])
             };
@@ -85,32 +140,63 @@ impl Executor {
         // SAFETY: allocates the context's tensors in one backend buffer.
         let act_buffer = NonNull::new(unsafe {
             sys::ggml_backend_alloc_ctx_tensors(act_ctx.raw(), backend.raw())
-        })
-        .ok_or_else(|| {
-            Error::new(
+        });
+        let Some(act_buffer) = act_buffer else {
+            // SAFETY: the allocator was created above and is not used again.
+            unsafe { sys::ggml_gallocr_free(allocator.as_ptr()) };
+            return Err(Error::new(
                 Status::OutOfMemory,
-                "cannot allocate the activation buffers",
-            )
-        })?;
+                format!("cannot allocate the activation buffers ({elements} f32 elements, twice)"),
+            ));
+        };
         Ok(Executor {
             backend: Backend::borrowed(backend.raw())?,
-            activation_elements: shape[0] * shape[1],
+            activation_elements: elements,
             allocator,
             _act_ctx: act_ctx,
             act_buffer,
             activations,
+            builder: Context::new(
+                // SAFETY: overhead query without preconditions.
+                unsafe { sys::ggml_tensor_overhead() }
+                    * (MERGE_BELOW_TENSORS + MAX_BUILDER_TENSORS + 1),
+                true,
+            )?,
         })
     }
 
+    /// The builder context, emptied for a new graph.
+    fn fresh_context(&mut self) -> *mut sys::ggml_context {
+        let ctx = self.builder.raw();
+        // SAFETY: a context we own; nothing built in it earlier is used any more (its graph
+        // was computed and its results copied out).
+        unsafe { sys::ggml_reset(ctx) };
+        ctx
+    }
+
+    /// Tensors created in the builder context since it was emptied.
+    fn built_tensors(&self) -> usize {
+        // SAFETY: a valid context; the overhead query has no preconditions. In a no-alloc
+        // context every object is one tensor header of exactly this overhead.
+        unsafe { sys::ggml_used_mem(self.builder.raw()) / sys::ggml_tensor_overhead() }
+    }
+
+    /// Computes `out` in a graph sized for its `tensors` distinct tensors.
     fn compute(
         &self,
-        ctx: &Context,
         out: *mut sys::ggml_tensor,
+        tensors: usize,
         fills: &[InputFill],
         after_alloc: Option<&dyn Fn() -> Result<()>>,
     ) -> Result<()> {
-        // SAFETY: building a graph in a valid context from tensors of that context.
-        let graph = unsafe { sys::ggml_new_graph_custom(ctx.raw(), GRAPH_NODES, false) };
+        let size = tensors.max(sys::GGML_DEFAULT_GRAPH_SIZE as usize);
+        // SAFETY: overhead queries without preconditions.
+        let bytes =
+            unsafe { sys::ggml_graph_overhead_custom(size, false) + sys::ggml_tensor_overhead() };
+        let graph_ctx = Context::new(bytes, true)?;
+        // SAFETY: the context has room for one graph of `size`, which holds every node and
+        // leaf reachable from `out` (counted by the caller).
+        let graph = unsafe { sys::ggml_new_graph_custom(graph_ctx.raw(), size, false) };
         // SAFETY: as above.
         unsafe { sys::ggml_build_forward_expand(graph, out) };
         // SAFETY: the allocator places every tensor without data; weights already have data.
@@ -138,23 +224,24 @@ impl Executor {
         unsafe { self.backend.compute(graph) }
     }
 
-    fn graph_context() -> Result<Context> {
-        // SAFETY: overhead queries without preconditions.
-        let bytes = unsafe {
-            sys::ggml_tensor_overhead() * GRAPH_NODES
-                + sys::ggml_graph_overhead_custom(GRAPH_NODES, false)
-        };
-        Context::new(bytes, true)
-    }
-
     /// One forward pass. With an engine, each layer is bracketed by begin/end so streamed
     /// layers are on the device exactly while their graph runs. On error the engine's pass
-    /// is abandoned (`offload_all`), so the engine stays usable.
+    /// is abandoned (`offload_all`), so the engine stays usable. A pass the host opened
+    /// itself is not ours to run inside or to abandon: that is refused untouched.
     pub fn run_pass(
         &mut self,
         model: &dyn LayeredModel,
         mut engine: Option<&mut Engine>,
     ) -> Result<Vec<u8>> {
+        if engine
+            .as_deref()
+            .and_then(Engine::streamer_ref)
+            .is_some_and(|s| s.in_pass())
+        {
+            return Err(Error::state(
+                "run_pass while a pass is open (call pass_end first)",
+            ));
+        }
         let result = self.run_pass_inner(model, engine.as_deref_mut());
         if result.is_err() {
             if let Some(engine) = engine {
@@ -174,11 +261,16 @@ impl Executor {
             return Err(Error::invalid(format!("{what} returned NULL")));
         }
         // SAFETY: a non-null tensor from the builder, created in our context.
-        let elements = unsafe { sys::ggml_nelements(tensor) };
+        let (elements, ty) = unsafe { (sys::ggml_nelements(tensor), (*tensor).type_) };
         if elements != self.activation_elements {
             return Err(Error::invalid(format!(
                 "{what} returned a tensor of {elements} elements; the activation has {}",
                 self.activation_elements
+            )));
+        }
+        if !activation_type_ok(ty) {
+            return Err(Error::invalid(format!(
+                "{what} returned a tensor of ggml type {ty}; the activation takes f32, f16 or bf16"
             )));
         }
         Ok(tensor)
@@ -191,13 +283,14 @@ impl Executor {
     ) -> Result<Vec<u8>> {
         let mut current = 0usize;
         {
-            let ctx = Self::graph_context()?;
+            let ctx = self.fresh_context();
             // SAFETY: builders get a valid no-alloc context.
-            let (x0, fills) = unsafe { model.build_input(ctx.raw()) };
+            let (x0, fills) = unsafe { model.build_input(ctx) };
             let x0 = self.check_built(x0, "the input stage")?;
-            // SAFETY: copy into the persistent activation (same element count, checked).
-            let out = unsafe { sys::ggml_cpy(ctx.raw(), x0, self.activations[0]) };
-            self.compute(&ctx, out, &fills, Some(&|| model.after_input_alloc()))?;
+            // SAFETY: copy into the persistent activation (element count and type checked).
+            let out = unsafe { sys::ggml_cpy(ctx, x0, self.activations[0]) };
+            let tensors = count_new_tensors(out, &mut Default::default());
+            self.compute(out, tensors, &fills, Some(&|| model.after_input_alloc()))?;
         }
         if let Some(engine) = engine.as_deref_mut() {
             engine.begin_pass()?;
@@ -210,31 +303,38 @@ impl Executor {
         };
         let mut layer = 0;
         while layer < layers {
-            // Consecutive resident layers form one graph; a streamed layer runs alone.
-            let mut end = layer + 1;
-            if resident(layer, &engine) {
-                while end < layers && resident(end, &engine) {
-                    end += 1;
-                }
-            }
-            if let Some(engine) = engine.as_deref_mut() {
-                for l in layer..end {
-                    engine.begin_layer(l)?;
-                    if l + 1 < end {
-                        engine.end_layer(l)?; // resident: nothing moves; keeps the counters honest
-                    }
-                }
-            }
-            let ctx = Self::graph_context()?;
+            // Consecutive resident layers form one graph while it has room for another layer;
+            // a streamed layer runs alone.
+            let ctx = self.fresh_context();
+            let mut seen = std::collections::HashSet::new();
+            let mut tensors = 0usize;
             let mut x = self.activations[current];
-            for l in layer..end {
+            let mut end = layer;
+            loop {
+                if let Some(engine) = engine.as_deref_mut() {
+                    if end > layer {
+                        engine.end_layer(end - 1)?; // resident: nothing moves; counters stay honest
+                    }
+                    engine.begin_layer(end)?;
+                }
                 // SAFETY: builders get a valid context and an activation-shaped tensor.
-                x = unsafe { model.build_layer(ctx.raw(), l, x) };
+                x = unsafe { model.build_layer(ctx, end, x) };
                 x = self.check_built(x, "the layer stage")?;
+                tensors += count_new_tensors(x, &mut seen);
+                end += 1;
+                let merge = resident(end - 1, &engine)
+                    && end < layers
+                    && resident(end, &engine)
+                    && self.built_tensors() < MERGE_BELOW_TENSORS;
+                if !merge {
+                    break;
+                }
             }
-            // SAFETY: copy into the other persistent activation (element count checked).
-            let out = unsafe { sys::ggml_cpy(ctx.raw(), x, self.activations[1 - current]) };
-            self.compute(&ctx, out, &[], None)?;
+            // SAFETY: copy into the other persistent activation (element count and type
+            // checked); the context keeps one tensor of room for it past the builders' share.
+            let out = unsafe { sys::ggml_cpy(ctx, x, self.activations[1 - current]) };
+            tensors += count_new_tensors(out, &mut seen);
+            self.compute(out, tensors, &[], None)?;
             if let Some(engine) = engine.as_deref_mut() {
                 engine.end_layer(end - 1)?;
             }
@@ -244,15 +344,16 @@ impl Executor {
         if let Some(engine) = engine {
             engine.end_pass()?;
         }
-        let ctx = Self::graph_context()?;
+        let ctx = self.fresh_context();
         // SAFETY: builder gets a valid context and the final activation.
-        let out = unsafe { model.build_output(ctx.raw(), self.activations[current]) };
+        let out = unsafe { model.build_output(ctx, self.activations[current]) };
         if out.is_null() {
             return Err(Error::invalid("the output stage returned NULL"));
         }
         // SAFETY: marks the result so the allocator keeps it until we read it.
         unsafe { sys::ggml_set_output(out) };
-        self.compute(&ctx, out, &[], None)?;
+        let tensors = count_new_tensors(out, &mut Default::default());
+        self.compute(out, tensors, &[], None)?;
         // SAFETY: the output tensor is allocated and computed.
         let size = unsafe { sys::ggml_nbytes(out) };
         let mut bytes = vec![0u8; size];

@@ -348,14 +348,71 @@ impl GgufFile {
 /// Status::Io when the file cannot be opened or read, CorruptFile when it is not valid GGUF;
 /// messages start with the path.
 pub fn read_path(path: &Path) -> Result<GgufFile> {
+    read_path_stamped(path).map(|(file, _)| file)
+}
+
+/// As `read_path`, with the stamp of the file that was read (to notice a later replacement).
+pub fn read_path_stamped(path: &Path) -> Result<(GgufFile, FileStamp)> {
+    let (file, stamp) = open_regular(path)?;
+    let parsed = parse_reader(BufReader::with_capacity(64 * 1024, file), stamp.size)
+        .map_err(|e| Error::new(e.status, format!("{}: {}", path.display(), e.message)))?;
+    Ok((parsed, stamp))
+}
+
+/// What identifies a file's contents cheaply: device, inode, size and modification time. A
+/// file replaced (renamed over, or rewritten in place) gets another stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    pub device: u64,
+    pub inode: u64,
+    pub size: u64,
+    pub modified_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            device: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+
+    /// What differs from `earlier`, in words (empty when nothing does).
+    pub fn changes_since(&self, earlier: &FileStamp) -> String {
+        let mut what = Vec::new();
+        if (self.device, self.inode) != (earlier.device, earlier.inode) {
+            what.push("it is another file (inode)".to_string());
+        }
+        if self.size != earlier.size {
+            what.push(format!("size {} -> {} bytes", earlier.size, self.size));
+        }
+        if self.modified_ns != earlier.modified_ns {
+            what.push("modification time".to_string());
+        }
+        what.join(", ")
+    }
+}
+
+/// Opens a model file for reading. Anything but a regular file (a FIFO, which would block
+/// the open for ever, a directory, a device) is refused before it is opened.
+pub fn open_regular(path: &Path) -> Result<(std::fs::File, FileStamp)> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            Status::Io,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
     let file = std::fs::File::open(path)
         .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-    let size = file
+    let meta = file
         .metadata()
-        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
-        .len();
-    parse_reader(BufReader::with_capacity(64 * 1024, file), size)
-        .map_err(|e| Error::new(e.status, format!("{}: {}", path.display(), e.message)))
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+    Ok((file, FileStamp::of(&meta)))
 }
 
 /// Parses a whole GGUF file held in memory (what the fuzz target drives).
@@ -683,9 +740,19 @@ fn check_tensor(
     data_offset: u64,
     file_size: u64,
 ) -> Result<TensorInfo> {
+    if name.is_empty() || name.contains('\0') {
+        return Err(Error::corrupt(format!(
+            "tensor name {name:?} is empty or contains NUL"
+        )));
+    }
     if type_traits(ggml_type).is_none() {
         return Err(Error::corrupt(format!(
             "tensor '{name}': unknown or removed ggml type {ggml_type}"
+        )));
+    }
+    if dims.contains(&0) {
+        return Err(Error::corrupt(format!(
+            "tensor '{name}': shape {dims:?} has no elements"
         )));
     }
     let bytes = tensor_bytes(ggml_type, &dims)

@@ -1,6 +1,7 @@
 //! Logging: through the host's callback when it installed one, else through env_logger
 //! (`RUST_LOG=offload_engine=debug`).
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::RwLock;
 
@@ -83,4 +84,19 @@ pub fn set_callback(callback: Option<Callback>, user: *mut c_void) {
     if SINK.read().map(|s| s.is_some()).unwrap_or(false) {
         log::set_max_level(log::LevelFilter::Debug);
     }
+}
+
+thread_local! {
+    static LIBRARY_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as one of the library's own (a copy thread, a placement helper).
+/// The host's log callback may run there, and whatever the callback frees must not be torn
+/// down there: tearing an engine down joins its copy thread.
+pub fn mark_library_thread() {
+    LIBRARY_THREAD.with(|t| t.set(true));
+}
+
+pub fn on_library_thread() -> bool {
+    LIBRARY_THREAD.with(Cell::get)
 }

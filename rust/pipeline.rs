@@ -10,7 +10,9 @@
 //! ahead of its stage, in the background, as soon as it fits: beside the running stage, or
 //! at its end in the memory that stage no longer needs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -185,6 +187,56 @@ pub struct EngineCell {
     engine: Mutex<Engine>,
     /// Set while a pipeline places the engine on its helper thread.
     placing: AtomicBool,
+    /// Serial of the pipeline the engine is a component of; 0: none.
+    owner: AtomicU64,
+    /// The host freed its handle: no pipeline places this engine again.
+    retired: AtomicBool,
+}
+
+static NEXT_PIPELINE_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The engines this thread holds locked (a call on them is running here, perhaps with a
+    /// host callback on top of it that calls back into the library).
+    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A locked engine; while it lives, `EngineCell::held_here` is true on this thread.
+pub struct EngineGuard<'a> {
+    guard: MutexGuard<'a, Engine>,
+    cell: usize,
+}
+
+impl<'a> EngineGuard<'a> {
+    fn new(guard: MutexGuard<'a, Engine>, cell: &EngineCell) -> EngineGuard<'a> {
+        let cell = cell as *const EngineCell as usize;
+        HELD.with(|held| held.borrow_mut().push(cell));
+        EngineGuard { guard, cell }
+    }
+}
+
+impl Drop for EngineGuard<'_> {
+    fn drop(&mut self) {
+        HELD.with(|held| {
+            let mut held = held.borrow_mut();
+            if let Some(i) = held.iter().rposition(|&c| c == self.cell) {
+                held.swap_remove(i);
+            }
+        });
+    }
+}
+
+impl Deref for EngineGuard<'_> {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.guard
+    }
+}
+
+impl DerefMut for EngineGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.guard
+    }
 }
 
 impl EngineCell {
@@ -192,16 +244,18 @@ impl EngineCell {
         Arc::new(EngineCell {
             engine: Mutex::new(engine),
             placing: AtomicBool::new(false),
+            owner: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         })
     }
 
     /// One caller at a time: an overlapping call is an error instead of a race, except that a
     /// call finding the engine busy with a pipeline's background placement waits for it.
-    pub fn lock(&self) -> Result<MutexGuard<'_, Engine>> {
+    pub fn lock(&self) -> Result<EngineGuard<'_>> {
         match self.engine.try_lock() {
-            Ok(guard) => Ok(guard),
+            Ok(guard) => Ok(EngineGuard::new(guard, self)),
             // A panic was caught at the boundary; the engine's state is still consistent.
-            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(TryLockError::Poisoned(p)) => Ok(EngineGuard::new(p.into_inner(), self)),
             Err(TryLockError::WouldBlock) if self.placing.load(Ordering::SeqCst) => {
                 Ok(self.lock_waiting())
             }
@@ -211,8 +265,39 @@ impl EngineCell {
         }
     }
 
-    fn lock_waiting(&self) -> MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_waiting(&self) -> EngineGuard<'_> {
+        EngineGuard::new(self.engine.lock().unwrap_or_else(|p| p.into_inner()), self)
+    }
+
+    /// Whether a call on this engine is running on this thread (its lock is held here).
+    pub fn held_here(&self) -> bool {
+        let me = self as *const EngineCell as usize;
+        HELD.with(|held| held.borrow().contains(&me))
+    }
+
+    /// Whether a pipeline places this engine (the host's own `prepare` is then refused).
+    pub fn is_managed(&self) -> bool {
+        self.owner.load(Ordering::SeqCst) != 0
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// The host is done with this engine (its handle is freed). A pipeline that still holds
+    /// it stops placing it, and the engine leaves the device now, so the host may free its
+    /// model right after. From inside a call on the engine (a callback), the leaving waits
+    /// for that call to end: the pipeline or the last reference takes it off then.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        if !self.is_managed() || self.held_here() {
+            return;
+        }
+        let mut engine = self.lock_waiting();
+        let _ = engine.offload_all();
+        if let Err(err) = engine.release() {
+            log::warn!("taking a freed engine off the device: {}", err.message);
+        }
     }
 }
 
@@ -278,6 +363,8 @@ struct Background {
 }
 
 pub struct Pipeline {
+    /// What the components' `EngineCell::owner` holds while they belong to this pipeline.
+    serial: u64,
     params: PipelineParams,
     components: Vec<Component>,
     budget: u64,
@@ -297,7 +384,7 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
-fn lock_engine<'a>(engine: &'a SharedEngine, name: &str) -> Result<MutexGuard<'a, Engine>> {
+fn lock_engine<'a>(engine: &'a SharedEngine, name: &str) -> Result<EngineGuard<'a>> {
     engine
         .lock()
         .map_err(|e| Error::new(e.status, format!("component '{name}': {}", e.message)))
@@ -368,6 +455,7 @@ impl Pipeline {
             )));
         }
         Ok(Pipeline {
+            serial: NEXT_PIPELINE_SERIAL.fetch_add(1, Ordering::Relaxed),
             params,
             components: Vec::new(),
             budget: 0,
@@ -400,8 +488,49 @@ impl Pipeline {
             })
     }
 
-    /// Adds a component; components are added in the order their stages run.
+    /// Refuses a call made from inside a call on one of the components (a host callback of
+    /// `run_pass`, or a log callback): it would wait for that call, which waits for it.
+    fn refuse_reentry(&self, what: &str) -> Result<()> {
+        match self.components.iter().find(|c| c.engine.held_here()) {
+            Some(c) => Err(Error::state(format!(
+                "{what} from inside a call on component '{}' (a callback of that call): make it after the call returns",
+                c.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets the placements of components whose engine the host freed (their engines left
+    /// the device then).
+    fn sweep_retired(&mut self) {
+        for c in &mut self.components {
+            if c.engine.is_retired() && c.placement != Placement::Off {
+                c.placement = Placement::Off;
+                c.device_bytes = 0;
+                c.streamed_layers = 0;
+            }
+        }
+    }
+
+    fn check_not_retired(&self, i: usize) -> Result<()> {
+        if self.components[i].engine.is_retired() {
+            return Err(Error::state(format!(
+                "component '{}': the host freed its engine; the pipeline no longer places it",
+                self.components[i].name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adds a component; components are added in the order their stages run. An engine
+    /// belongs to one pipeline at a time.
     pub fn add(&mut self, name: &str, role: Role, engine: SharedEngine) -> Result<()> {
+        self.refuse_reentry("pipeline add")?;
+        if engine.is_retired() {
+            return Err(Error::state(format!(
+                "component '{name}': the engine was freed"
+            )));
+        }
         if self.in_run {
             return Err(Error::state("cannot add a component during a run"));
         }
@@ -438,9 +567,20 @@ impl Pipeline {
                     )));
                 }
             }
+            if engine
+                .owner
+                .compare_exchange(0, self.serial, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                return Err(Error::state(format!(
+                    "component '{name}': this engine is already a component of another pipeline (an engine belongs to one pipeline at a time)"
+                )));
+            }
             // The pipeline plans it from now on.
-            e.release()?;
-            e.set_managed(true);
+            if let Err(err) = e.release() {
+                engine.owner.store(0, Ordering::SeqCst);
+                return Err(err);
+            }
         }
         self.components.push(Component {
             name: name.to_string(),
@@ -496,6 +636,7 @@ impl Pipeline {
 
     /// Starts a job: free device memory is measured again (unless the budget is fixed).
     pub fn run_begin(&mut self) -> Result<()> {
+        self.refuse_reentry("run_begin")?;
         if self.in_run {
             return Err(Error::state(
                 "run_begin: a run is already open (call run_end)",
@@ -506,6 +647,7 @@ impl Pipeline {
         }
         // A reload started by the last run_end must land before memory is measured.
         self.join_background();
+        self.sweep_retired();
         self.budget = match self.params.budget_bytes {
             Some(bytes) => bytes,
             None => {
@@ -527,6 +669,7 @@ impl Pipeline {
 
     /// Ends a job and applies the reload policy.
     pub fn run_end(&mut self) -> Result<()> {
+        self.refuse_reentry("run_end")?;
         if !self.in_run {
             return Err(Error::state("run_end without run_begin"));
         }
@@ -537,13 +680,12 @@ impl Pipeline {
             )));
         }
         self.join_background();
+        self.sweep_retired();
         self.in_run = false;
         if self.params.reload_diffusion && self.params.mode != OffloadMode::LayerStreaming {
-            if let Some(i) = self
-                .components
-                .iter()
-                .position(|c| c.role == Role::Diffusion && c.placement == Placement::Off)
-            {
+            if let Some(i) = self.components.iter().position(|c| {
+                c.role == Role::Diffusion && c.placement == Placement::Off && !c.engine.is_retired()
+            }) {
                 // Only into free room, and only if the next job's first stage will not push
                 // it straight out again.
                 let bytes = self.resident_bytes(i)?;
@@ -571,7 +713,9 @@ impl Pipeline {
 
     /// Makes component `name` usable on the device for its stage.
     pub fn stage_begin(&mut self, name: &str) -> Result<()> {
+        self.refuse_reentry("stage_begin")?;
         let i = self.index(name)?;
+        self.check_not_retired(i)?;
         if !self.in_run {
             return Err(Error::state(
                 "stage_begin outside a run (call run_begin first)",
@@ -584,6 +728,7 @@ impl Pipeline {
             )));
         }
         self.join_background();
+        self.sweep_retired();
         self.make_room(i)?;
         if self.components[i].placement == Placement::Off {
             let may_stream = self.streams(i);
@@ -612,7 +757,9 @@ impl Pipeline {
 
     /// Ends component `name`'s stage; it leaves now if the mode or its override says so.
     pub fn stage_end(&mut self, name: &str) -> Result<()> {
+        self.refuse_reentry("stage_end")?;
         let i = self.index(name)?;
+        self.sweep_retired();
         if self.stage != Some(i) {
             return Err(Error::state(format!(
                 "stage_end('{name}') does not match the open stage"
@@ -835,6 +982,7 @@ impl Pipeline {
         let next = i + 1;
         if next >= self.components.len()
             || self.components[next].placement != Placement::Off
+            || self.components[next].engine.is_retired()
             || self.background.is_some()
         {
             return;
@@ -875,6 +1023,7 @@ impl Pipeline {
         let spawned = std::thread::Builder::new()
             .name("offload-place".into())
             .spawn(move || {
+                crate::log::mark_library_thread();
                 let placed = {
                     // The host's calls on this engine wait for us (see EngineCell::lock).
                     let mut guard = engine.lock_waiting();
@@ -940,13 +1089,24 @@ impl Pipeline {
 }
 
 impl Drop for Pipeline {
+    /// Puts every component back in host memory and hands its engine back to the host. A
+    /// component busy in a call on another thread is waited for; one whose call is running
+    /// on this thread (the free came from its callback) keeps its placement until the host
+    /// frees or prepares it.
     fn drop(&mut self) {
         self.join_background();
         for c in &self.components {
-            if let Ok(mut engine) = lock_engine(&c.engine, &c.name) {
-                let _ = engine.release();
-                engine.set_managed(false);
+            c.engine.owner.store(0, Ordering::SeqCst);
+            if c.engine.held_here() {
+                log::warn!(
+                    "pipeline freed from inside a call on component '{}': it stays placed until that engine is freed or prepared",
+                    c.name
+                );
+                continue;
             }
+            let mut engine = c.engine.lock_waiting();
+            let _ = engine.offload_all();
+            let _ = engine.release();
         }
     }
 }

@@ -8,9 +8,13 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 
+use once_cell::sync::Lazy;
+
+use crate::diskio::ModelFile;
 use crate::error::{Error, Result, Status};
 use crate::gguf;
 use crate::patterns::{self, Component, LayerKey, Pattern};
@@ -106,6 +110,50 @@ pub struct Layer {
 
 static NEXT_REGISTRY_SERIAL: AtomicU32 = AtomicU32::new(1);
 
+/// Which live engine uses each host tensor (by address). An engine points its tensors at its
+/// own device memory, so a second engine over the same tensors would record that memory as
+/// their home: a tensor belongs to one live engine at a time.
+static CLAIMS: Lazy<Mutex<HashMap<usize, u64>>> = Lazy::new(Mutex::default);
+static NEXT_CLAIM_OWNER: AtomicU64 = AtomicU64::new(1);
+
+fn claims() -> std::sync::MutexGuard<'static, HashMap<usize, u64>> {
+    CLAIMS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn claimed_error(name: &str) -> Error {
+    Error::state(format!(
+        "tensor '{name}' is in use by another live engine (a tensor belongs to one engine at a time: free that engine first)"
+    ))
+}
+
+/// An engine's hold on the host tensors of its registry; released when dropped, after the
+/// engine has put every tensor back home.
+#[derive(Debug)]
+pub struct TensorClaim {
+    owner: u64,
+    tensors: Vec<usize>,
+}
+
+impl Default for TensorClaim {
+    fn default() -> Self {
+        TensorClaim {
+            owner: NEXT_CLAIM_OWNER.fetch_add(1, Ordering::Relaxed),
+            tensors: Vec::new(),
+        }
+    }
+}
+
+impl Drop for TensorClaim {
+    fn drop(&mut self) {
+        let mut claims = claims();
+        for t in &self.tensors {
+            if claims.get(t) == Some(&self.owner) {
+                claims.remove(t);
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Registry {
     serial: u32,
@@ -116,13 +164,18 @@ pub struct Registry {
     by_hash: HashMap<u64, u32>,
     layers: Vec<Layer>,
     global: Vec<TensorId>,
-    files: Vec<PathBuf>,
+    files: Vec<ModelFile>,
     /// Contexts holding tensors this registry created itself (`load_gguf`); shared with the
     /// engines made from clones of it, freed with the last of them.
     owned_contexts: Vec<std::sync::Arc<crate::backend::Context>>,
     grouped: bool,
     frozen: bool,
 }
+
+// SAFETY: the raw pointers a registry holds are the host's tensors (and contexts it owns
+// itself); it stores them and reads them only in calls made for the host, which the header
+// lets come from any thread, one at a time per handle.
+unsafe impl Send for Registry {}
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -272,6 +325,14 @@ impl Registry {
         if self.tensors.len() >= u32::MAX as usize {
             return Err(Error::invalid("too many tensors"));
         }
+        // Every loader agrees: a tensor without elements is no weight (the GGUF reader
+        // refuses one in a file as corrupt).
+        if desc.dims.contains(&0) || desc.bytes == 0 {
+            return Err(Error::invalid(format!(
+                "tensor '{}' has no elements (shape {:?})",
+                desc.name, desc.dims
+            )));
+        }
         let mut slot = name_hash(desc.name);
         while let Some(&index) = self.by_hash.get(&slot) {
             if &*self.tensors[index as usize].name == desc.name {
@@ -302,10 +363,45 @@ impl Registry {
         Ok(TensorId::new(self.serial, index))
     }
 
+    /// The ggml tensors an engine may point at its device memory, with their names.
+    fn host_tensors(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.tensors.iter().filter_map(|t| match t.source {
+            Source::Ggml(tensor) | Source::GgmlFile { tensor, .. } => {
+                Some((tensor as usize, &*t.name))
+            }
+            Source::Descriptor | Source::File { .. } => None,
+        })
+    }
+
+    /// Adds this registry's host tensors to `claim`; all or nothing. A tensor another live
+    /// engine holds is an `InvalidState` error naming it.
+    pub fn claim(&self, claim: &mut TensorClaim) -> Result<()> {
+        let mut claims = claims();
+        if let Some((_, name)) = self
+            .host_tensors()
+            .find(|(t, _)| claims.get(t).is_some_and(|&o| o != claim.owner))
+        {
+            return Err(claimed_error(name));
+        }
+        for (t, _) in self.host_tensors() {
+            if claims.insert(t, claim.owner).is_none() {
+                claim.tensors.push(t);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_unclaimed(tensor: *mut crate::ggml::ggml_tensor, name: &str) -> Result<()> {
+        if claims().contains_key(&(tensor as usize)) {
+            return Err(claimed_error(name));
+        }
+        Ok(())
+    }
+
     /// Registers every tensor described by a GGUF file; reads no tensor data.
     pub fn add_gguf(&mut self, path: &Path) -> Result<usize> {
         self.check_not_frozen("register tensors")?;
-        let file = gguf::read_path(path)?;
+        let (file, stamp) = gguf::read_path_stamped(path)?;
         let file_index = self.files.len() as u32;
         let before = self.tensors.len();
         for tensor in &file.tensors {
@@ -329,7 +425,10 @@ impl Registry {
                 ));
             }
         }
-        self.files.push(path.to_path_buf());
+        self.files.push(ModelFile {
+            path: path.to_path_buf(),
+            stamp: Some(stamp),
+        });
         Ok(self.tensors.len() - before)
     }
 
@@ -340,7 +439,7 @@ impl Registry {
         use crate::ggml as sys;
         use std::os::unix::fs::FileExt;
         self.check_not_frozen("register tensors")?;
-        let file = gguf::read_path(path)?;
+        let (file, stamp) = gguf::read_path_stamped(path)?;
         // ggml keeps names in a fixed array; a longer name would be cut and no longer match.
         let max_name = crate::ggml::GGML_MAX_NAME as usize - 1;
         if let Some(long) = file.tensors.iter().find(|t| t.name.len() > max_name) {
@@ -366,7 +465,7 @@ impl Registry {
         let reader = if file_backed {
             None
         } else {
-            Some(std::fs::File::open(path).map_err(|e| Error::io(path.display(), e))?)
+            Some(gguf::open_regular(path)?.0)
         };
         for info in &file.tensors {
             let mut ne = [1i64; 4];
@@ -398,7 +497,7 @@ impl Registry {
         // SAFETY: the context and its tensors live as long as this registry or its clones.
         let added = unsafe {
             if file_backed {
-                self.add_file_backed_parsed(ctx.raw(), path, &file)?
+                self.add_file_backed_parsed(ctx.raw(), path, &file, stamp)?
             } else {
                 self.add_ggml_context(ctx.raw())?
             }
@@ -434,6 +533,7 @@ impl Registry {
                 &owned
             }
         };
+        Registry::check_unclaimed(tensor, name)?;
         if t.data.is_null() {
             return Err(Error::invalid(format!(
                 "tensor '{name}' has no data: load the weights into host memory first \
@@ -529,9 +629,9 @@ impl Registry {
         if ctx.is_null() {
             return Err(Error::new(Status::NullPointer, "context is NULL"));
         }
-        let file = gguf::read_path(path)?;
+        let (file, stamp) = gguf::read_path_stamped(path)?;
         // SAFETY: forwarded caller guarantee.
-        unsafe { self.add_file_backed_parsed(ctx, path, &file) }
+        unsafe { self.add_file_backed_parsed(ctx, path, &file, stamp) }
     }
 
     /// `add_file_backed_context` with the file already read.
@@ -543,13 +643,17 @@ impl Registry {
         ctx: *mut crate::ggml::ggml_context,
         path: &Path,
         file: &gguf::GgufFile,
+        stamp: gguf::FileStamp,
     ) -> Result<usize> {
         use crate::ggml as sys;
         let by_name: HashMap<&str, &gguf::TensorInfo> =
             file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         let before_tensors = self.tensors.len();
         let before_files = self.files.len();
-        self.files.push(path.to_path_buf());
+        self.files.push(ModelFile {
+            path: path.to_path_buf(),
+            stamp: Some(stamp),
+        });
         let file_index = before_files as u32;
         let result = (|| {
             // SAFETY: iterating a valid context (caller's guarantee).
@@ -570,6 +674,7 @@ impl Registry {
                         path.display()
                     ))
                 })?;
+                Registry::check_unclaimed(t, &name)?;
                 if !tensor.data.is_null() {
                     return Err(Error::invalid(format!(
                         "tensor '{name}' already has data; file-backed tensors come from a no_alloc context"
@@ -618,20 +723,26 @@ impl Registry {
         self.grouped = false;
     }
 
-    pub fn files(&self) -> &[PathBuf] {
+    pub fn files(&self) -> &[ModelFile] {
         &self.files
     }
 
     /// Registers a model file without its tensors (their descriptors come from elsewhere);
-    /// returns its number for `Source::GgmlFile`.
+    /// returns its number for `Source::GgmlFile`. Its stamp is taken now, when it exists.
     pub fn add_file(&mut self, path: &Path) -> Result<u32> {
         self.check_not_frozen("register files")?;
-        self.files.push(path.to_path_buf());
+        let stamp = std::fs::metadata(path)
+            .ok()
+            .map(|m| gguf::FileStamp::of(&m));
+        self.files.push(ModelFile {
+            path: path.to_path_buf(),
+            stamp,
+        });
         Ok(self.files.len() as u32 - 1)
     }
 
     pub fn file_path(&self, file: u32) -> Option<&Path> {
-        self.files.get(file as usize).map(PathBuf::as_path)
+        self.files.get(file as usize).map(|f| f.path.as_path())
     }
 
     /// Groups tensors into layers in execution order (idempotent, cheap when nothing changed).

@@ -401,7 +401,11 @@ pub struct StreamConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LayerState {
     Idle,
-    Open { since: Instant, slot: Option<usize> },
+    Open {
+        layer: usize,
+        since: Instant,
+        slot: Option<usize>,
+    },
 }
 
 /// The streaming state of one prepared engine.
@@ -863,6 +867,7 @@ impl Streamer {
         self.stats.layers[layer].begin_count += 1;
         if self.is_resident(layer) {
             self.open = LayerState::Open {
+                layer,
                 since: start,
                 slot: None,
             };
@@ -884,6 +889,7 @@ impl Streamer {
         stats.wait_us += waited.as_micros() as u64;
         self.stats.wait_us += waited.as_micros() as u64;
         self.open = LayerState::Open {
+            layer,
             since: now,
             slot: Some(slot),
         };
@@ -954,19 +960,19 @@ impl Streamer {
     /// Ends the compute of `layer`: restores its host home and frees its slot.
     pub fn end_layer(&mut self, layer: usize) -> Result<()> {
         self.check_layer(layer)?;
-        let LayerState::Open { since, slot } = self.open else {
+        let LayerState::Open {
+            layer: open_layer,
+            since,
+            slot,
+        } = self.open
+        else {
             return Err(Error::state(format!(
                 "end_layer({layer}) without begin_layer"
             )));
         };
-        let open_layer = match slot {
-            Some(s) => self.sync.lock().slots[s].layer(),
-            None => None,
-        };
-        if slot.is_some() && open_layer != Some(layer) || slot.is_none() && !self.is_resident(layer)
-        {
+        if open_layer != layer {
             return Err(Error::state(format!(
-                "end_layer({layer}) does not match the open layer"
+                "end_layer({layer}) does not match the open layer {open_layer}"
             )));
         }
         let compute = since.elapsed();
@@ -1187,6 +1193,7 @@ pub(crate) fn shadow_tensor(arena: &Buffer) -> Result<(Context, *mut sys::ggml_t
 }
 
 fn copy_thread(sync: Arc<Sync2>, target: CopyTarget, trace: Trace) {
+    crate::log::mark_library_thread();
     let mut bounce = Bounce::default();
     loop {
         let job = {
@@ -1214,21 +1221,28 @@ fn copy_thread(sync: Arc<Sync2>, target: CopyTarget, trace: Trace) {
         });
         let micros = start.elapsed().as_micros() as u64;
         let mut shared = sync.lock();
-        match result {
+        let failed = match result {
             Ok(bytes) => {
                 trace.record_copy(job.layer, start, micros, bytes);
                 shared.copy_bytes += bytes;
                 shared.copy_micros += micros;
                 shared.copies += 1;
                 shared.slots[job.slot] = SlotState::Ready(job.layer);
+                None
             }
             Err(failure) => {
-                log::error!("{}", failure.error.message);
+                let message = failure.error.message.clone();
                 shared.outcomes[job.slot].failed_offset = Some(failure.offset);
                 shared.outcomes[job.slot].error = Some(failure.error);
                 shared.slots[job.slot] = SlotState::Failed(job.layer);
+                Some(message)
             }
-        }
+        };
         sync.changed.notify_all();
+        drop(shared);
+        // Logged with no lock held: the host's log callback may call back into the library.
+        if let Some(message) = failed {
+            log::error!("{message}");
+        }
     }
 }

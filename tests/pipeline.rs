@@ -122,6 +122,7 @@ fn tight_budget_moves_what_the_mode_allows_and_refuses_the_rest() {
     s.pipeline.stage_begin("text_encoder").unwrap();
     s.pipeline.stage_end("text_encoder").unwrap();
     s.pipeline.run_end().unwrap();
+    drop(s); // a model's tensors belong to one live engine at a time
 
     for mode in [OffloadMode::CondOnly, OffloadMode::CondDiffusion] {
         let mut s = setup(&m, params(mode, budget));
@@ -138,6 +139,7 @@ fn tight_budget_moves_what_the_mode_allows_and_refuses_the_rest() {
         .set_override("text_encoder", Override::Keep)
         .unwrap();
     assert_eq!(s.run_job().unwrap_err().status, Status::InsufficientMemory);
+    drop(s);
     // ...and offloading it makes none work.
     let mut s = setup(&m, params(OffloadMode::None, budget));
     s.pipeline
@@ -232,9 +234,10 @@ fn sequence_errors_are_reported() {
     );
     s.pipeline.stage_end("text_encoder").unwrap();
     s.pipeline.run_end().unwrap();
+    let other = DemoModel::new(DemoConfig::tiny(Architecture::Llama)).unwrap();
     let dup = s
         .pipeline
-        .add("text_encoder", Role::Other, engine_for(&m[0].model));
+        .add("text_encoder", Role::Other, engine_for(&other));
     assert_eq!(dup.unwrap_err().status, Status::AlreadyExists);
     let same = s.pipeline.add("again", Role::Other, s.engines[0].clone());
     assert_eq!(same.unwrap_err().status, Status::AlreadyExists);

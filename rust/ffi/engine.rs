@@ -13,7 +13,7 @@ use crate::ffi::boundary::{
 };
 use crate::ffi::handles::{checked, publish, retire, Kind};
 use crate::ffi::plan::{plan_inputs, publish_plan, PlanHandle, PlanParams};
-use crate::ffi::registry::{registry, RegistryHandle};
+use crate::ffi::registry::{with_registry, RegistryHandle};
 use crate::ggml as sys;
 
 sized_structs!(EngineParamsC, StatsC, LayerStatsC);
@@ -66,8 +66,23 @@ pub struct EngineHandle {
 
 pub(crate) type StagedShape = [i64; 2];
 
-fn engine<'a>(handle: *const EngineHandle) -> Result<std::sync::MutexGuard<'a, Engine>> {
-    checked(handle, Kind::Engine)?.inner.lock()
+impl Drop for EngineHandle {
+    /// The host is done with the engine: it leaves the device now even when a pipeline still
+    /// holds it, so the host may free its model once engine_free returns.
+    fn drop(&mut self) {
+        *self.executor.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.retire();
+    }
+}
+
+/// Runs `f` on a live engine, held and locked for the call.
+pub(crate) fn with_engine<R>(
+    handle: *const EngineHandle,
+    f: impl FnOnce(&mut Engine) -> Result<R>,
+) -> Result<R> {
+    let held = checked(handle, Kind::Engine)?;
+    let mut engine = held.inner.lock()?;
+    f(&mut engine)
 }
 
 #[no_mangle]
@@ -99,7 +114,6 @@ pub extern "C" fn offload_engine_engine_new(
     boundary(|| {
         let p = input(params, "engine params")?;
         let slot = out(engine_out, "engine_out")?;
-        let source = registry(registry_handle)?;
         let params = EngineParams {
             device: optional_text(p.device, "device")?.map(str::to_string),
             budget_bytes: (p.budget_bytes > 0).then_some(p.budget_bytes),
@@ -111,7 +125,8 @@ pub extern "C" fn offload_engine_engine_new(
             pinned_limit_bytes: (p.pinned_limit_bytes != u64::MAX).then_some(p.pinned_limit_bytes),
             pattern: None,
         };
-        let engine = Engine::with_registry(params, source.registry.clone())?;
+        let registry = with_registry(registry_handle, |state| Ok(state.registry.clone()))?;
+        let engine = Engine::with_registry(params, registry)?;
         *slot = publish(
             EngineHandle {
                 executor: Mutex::new(None),
@@ -134,9 +149,10 @@ pub extern "C" fn offload_engine_engine_backend(
     backend_out: *mut sys::ggml_backend_t,
 ) -> c_int {
     boundary(|| {
-        let e = engine(handle)?;
-        *out(backend_out, "backend_out")? = e.backend().raw();
-        Ok(())
+        with_engine(handle, |e| {
+            *out(backend_out, "backend_out")? = e.backend().raw();
+            Ok(())
+        })
     })
 }
 
@@ -147,26 +163,30 @@ pub extern "C" fn offload_engine_engine_prepare(
     plan_out: *mut *mut PlanHandle,
 ) -> c_int {
     boundary(|| {
-        let mut e = engine(handle)?;
-        if e.is_managed() {
+        let held = checked(handle, Kind::Engine)?;
+        if held.inner.is_managed() {
             return Err(Error::state(
                 "this engine is a pipeline component: the pipeline places it (stage_begin)",
             ));
         }
-        let (mut budget_from_params, mut workload, link) = plan_inputs(params)?;
+        let mut e = held.inner.lock()?;
+        let (budget_from_params, mut workload, link) = plan_inputs(params)?;
         // The engine's own depth; the plan params' depth is for simulations.
         workload.prefetch_depth = e.params().prefetch_depth;
-        if budget_from_params.free_bytes > 0 && e.params().budget_bytes.is_none() {
-            e.set_budget(budget_from_params.free_bytes);
-        }
-        budget_from_params.free_bytes = 0;
-        e.set_reserve(
-            budget_from_params
-                .compute_reserve_bytes
-                .saturating_add(budget_from_params.persistent_bytes),
-        )?;
+        // free_bytes given: this placement plans exactly as plan_new would with these params;
+        // 0: the engine's budget (or the device's free memory) with these reserves.
+        let budget = if budget_from_params.free_bytes > 0 {
+            Some(budget_from_params)
+        } else {
+            e.set_reserve(
+                budget_from_params
+                    .compute_reserve_bytes
+                    .saturating_add(budget_from_params.persistent_bytes),
+            )?;
+            None
+        };
         let layer_count = e.layer_count();
-        let plan = e.prepare(&workload, &link)?.clone();
+        let plan = e.prepare_within(&workload, &link, budget)?.clone();
         if !plan_out.is_null() {
             publish_plan(plan, layer_count, plan_out)?;
         }
@@ -178,7 +198,11 @@ macro_rules! engine_layer_call {
     ($name:ident, $method:ident) => {
         #[no_mangle]
         pub extern "C" fn $name(handle: *mut EngineHandle, layer: u64) -> c_int {
-            boundary(|| engine(handle)?.$method(usize::try_from(layer).unwrap_or(usize::MAX)))
+            boundary(|| {
+                with_engine(handle, |e| {
+                    e.$method(usize::try_from(layer).unwrap_or(usize::MAX))
+                })
+            })
         }
     };
 }
@@ -187,7 +211,7 @@ macro_rules! engine_call {
     ($name:ident, $method:ident) => {
         #[no_mangle]
         pub extern "C" fn $name(handle: *mut EngineHandle) -> c_int {
-            boundary(|| engine(handle)?.$method())
+            boundary(|| with_engine(handle, |e| e.$method()))
         }
     };
 }
@@ -205,23 +229,24 @@ pub extern "C" fn offload_engine_engine_stats(
     stats_out: *mut StatsC,
 ) -> c_int {
     boundary(|| {
-        let e = engine(handle)?;
-        let slot = result_slot(stats_out, "stats")?;
-        let s = e.stats()?;
-        *slot = StatsC {
-            size: std::mem::size_of::<StatsC>(),
-            passes: s.passes,
-            layer_loads: s.layer_loads,
-            bytes_copied: s.bytes_copied,
-            copy_us: s.copy_us,
-            wait_us: s.wait_us,
-            compute_us: s.compute_us,
-            prefetch_hits: s.prefetch_hits,
-            prefetch_misses: s.prefetch_misses,
-            arena_bytes: s.arena_bytes,
-            arena_peak_bytes: s.arena_peak_bytes,
-        };
-        Ok(())
+        with_engine(handle, |e| {
+            let slot = result_slot(stats_out, "stats")?;
+            let s = e.stats()?;
+            *slot = StatsC {
+                size: std::mem::size_of::<StatsC>(),
+                passes: s.passes,
+                layer_loads: s.layer_loads,
+                bytes_copied: s.bytes_copied,
+                copy_us: s.copy_us,
+                wait_us: s.wait_us,
+                compute_us: s.compute_us,
+                prefetch_hits: s.prefetch_hits,
+                prefetch_misses: s.prefetch_misses,
+                arena_bytes: s.arena_bytes,
+                arena_peak_bytes: s.arena_peak_bytes,
+            };
+            Ok(())
+        })
     })
 }
 
@@ -232,29 +257,30 @@ pub extern "C" fn offload_engine_engine_layer_stats(
     stats_out: *mut LayerStatsC,
 ) -> c_int {
     boundary(|| {
-        let e = engine(handle)?;
-        let slot = result_slot(stats_out, "layer stats")?;
-        let s = e.stats()?;
-        let host_layers = s.layers.len().saturating_sub(1); // the last image is the global group
-        let l = usize::try_from(layer)
-            .ok()
-            .filter(|&l| l < host_layers)
-            .and_then(|l| s.layers.get(l))
-            .ok_or_else(|| {
-                Error::not_found(format!(
-                    "layer {layer} out of range (model has {host_layers} layers)"
-                ))
-            })?;
-        *slot = LayerStatsC {
-            size: std::mem::size_of::<LayerStatsC>(),
-            resident: c_int::from(l.resident),
-            loads: l.loads,
-            bytes: l.bytes,
-            wait_us: l.wait_us,
-            compute_us: l.compute_us,
-            evict_us: l.evict_us,
-        };
-        Ok(())
+        with_engine(handle, |e| {
+            let slot = result_slot(stats_out, "layer stats")?;
+            let s = e.stats()?;
+            let host_layers = s.layers.len().saturating_sub(1); // the last image is the global group
+            let l = usize::try_from(layer)
+                .ok()
+                .filter(|&l| l < host_layers)
+                .and_then(|l| s.layers.get(l))
+                .ok_or_else(|| {
+                    Error::not_found(format!(
+                        "layer {layer} out of range (model has {host_layers} layers)"
+                    ))
+                })?;
+            *slot = LayerStatsC {
+                size: std::mem::size_of::<LayerStatsC>(),
+                resident: c_int::from(l.resident),
+                loads: l.loads,
+                bytes: l.bytes,
+                wait_us: l.wait_us,
+                compute_us: l.compute_us,
+                evict_us: l.evict_us,
+            };
+            Ok(())
+        })
     })
 }
 
@@ -264,9 +290,10 @@ pub extern "C" fn offload_engine_engine_trace_write(
     path: *const c_char,
 ) -> c_int {
     boundary(|| {
-        let e = engine(handle)?;
-        let path = PathBuf::from(text(path, "path")?);
-        e.write_trace(&path)
+        with_engine(handle, |e| {
+            let path = PathBuf::from(text(path, "path")?);
+            e.write_trace(&path)
+        })
     })
 }
 
@@ -278,14 +305,15 @@ pub extern "C" fn offload_engine_engine_measure_link(
     pinned_gbps_out: *mut f64,
 ) -> c_int {
     boundary(|| {
-        let e = engine(handle)?;
-        let pageable_slot = out(pageable_gbps_out, "pageable_gbps_out")?;
-        let (pageable, pinned) = crate::engine::measure_link(e.device(), bytes)?;
-        *pageable_slot = pageable / 1e9;
-        if let Some(slot) = optional_out(pinned_gbps_out) {
-            *slot = pinned.unwrap_or(0.0) / 1e9;
-        }
-        Ok(())
+        with_engine(handle, |e| {
+            let pageable_slot = out(pageable_gbps_out, "pageable_gbps_out")?;
+            let (pageable, pinned) = crate::engine::measure_link(e.device(), bytes)?;
+            *pageable_slot = pageable / 1e9;
+            if let Some(slot) = optional_out(pinned_gbps_out) {
+                *slot = pinned.unwrap_or(0.0) / 1e9;
+            }
+            Ok(())
+        })
     })
 }
 
@@ -296,11 +324,12 @@ pub extern "C" fn offload_engine_engine_measure_graph(
     bytes_out: *mut u64,
 ) -> c_int {
     boundary(|| {
-        let e = engine(handle)?;
-        let slot = out(bytes_out, "bytes_out")?;
-        // SAFETY: the header requires a valid graph built by the host.
-        *slot = unsafe { e.measure_graph(graph)? };
-        Ok(())
+        with_engine(handle, |e| {
+            let slot = out(bytes_out, "bytes_out")?;
+            // SAFETY: the header requires a valid graph built by the host.
+            *slot = unsafe { e.measure_graph(graph)? };
+            Ok(())
+        })
     })
 }
 
@@ -313,18 +342,22 @@ pub extern "C" fn offload_engine_engine_tensor_set(
     size: u64,
 ) -> c_int {
     boundary(|| {
-        let mut e = engine(handle)?;
-        let name = text(name, "name")?;
-        if data.is_null() && size > 0 {
-            return Err(Error::new(Status::NullPointer, "data is NULL"));
-        }
-        let len = usize::try_from(size).map_err(|_| Error::invalid("size too large"))?;
-        let bytes = if len == 0 {
-            &[][..]
-        } else {
-            // SAFETY: the caller provides `size` readable bytes at `data` (checked non-NULL).
-            unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) }
-        };
-        e.update_tensor(name, offset, bytes)
+        with_engine(handle, |e| {
+            let name = text(name, "name")?;
+            if data.is_null() && size > 0 {
+                return Err(Error::new(Status::NullPointer, "data is NULL"));
+            }
+            // The range is checked against the tensor before any slice of the host's bytes
+            // exists: a slice longer than the tensor (or than isize::MAX) is never made.
+            e.check_tensor_write(name, offset, size)?;
+            let len = usize::try_from(size).map_err(|_| Error::invalid("size too large"))?;
+            let bytes = if len == 0 {
+                &[][..]
+            } else {
+                // SAFETY: the caller provides `size` readable bytes at `data` (checked non-NULL).
+                unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) }
+            };
+            e.update_tensor(name, offset, bytes)
+        })
     })
 }

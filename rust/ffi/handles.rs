@@ -1,8 +1,13 @@
-//! The table of live handles: every pointer the library hands out is recorded with its kind,
-//! so NULL, freed or foreign pointers are refused instead of dereferenced.
+//! The table of live handles. Every handle is an `Arc` whose pointer the library hands out;
+//! the table records it with its kind, so NULL, freed or foreign pointers are refused
+//! instead of dereferenced. A call takes its own reference (`Held`) while the table is
+//! locked, so a `_free` that comes during the call (from another thread, a callback of the
+//! call, or the log callback) only retires the handle: new calls are refused at once, and
+//! the object is destroyed when the last call holding it returns.
 
 use std::collections::HashSet;
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use once_cell::sync::Lazy;
 
@@ -22,41 +27,88 @@ fn live() -> MutexGuard<'static, HashSet<(usize, Kind)>> {
     LIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Boxes `value` and records the pointer as a live handle of `kind`.
-pub(crate) fn publish<T>(value: T, kind: Kind) -> *mut T {
-    let ptr = Box::into_raw(Box::new(value));
+/// A reference to a live handle, held for the length of one call.
+pub(crate) struct Held<T: Send + Sync + 'static>(Option<Arc<T>>);
+
+impl<T: Send + Sync + 'static> Deref for Held<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0
+            .as_deref()
+            .expect("a Held always holds its handle until dropped")
+    }
+}
+
+impl<T: Send + Sync + 'static> Drop for Held<T> {
+    fn drop(&mut self) {
+        if let Some(last) = self.0.take().and_then(Arc::into_inner) {
+            dispose(last);
+        }
+    }
+}
+
+/// Destroys a handle's object. On one of the library's own threads (the log callback runs
+/// there) it is destroyed on a short-lived thread of its own instead: an engine's teardown
+/// joins its copy thread, which must not be the thread doing it.
+fn dispose<T: Send + 'static>(value: T) {
+    if !crate::log::on_library_thread() {
+        drop(value);
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("offload-free".into())
+        .spawn(move || drop(value));
+    if let Err(err) = spawned {
+        // The value went with the failed closure; nothing can be done but say so.
+        log::error!("cannot start a thread to free a handle ({err}); it is leaked");
+    }
+}
+
+/// Records `value` as a live handle of `kind` and returns the pointer the host gets.
+pub(crate) fn publish<T: Send + Sync + 'static>(value: T, kind: Kind) -> *mut T {
+    let ptr = Arc::into_raw(Arc::new(value)) as *mut T;
     live().insert((ptr as usize, kind));
     ptr
 }
 
-/// The handle behind `ptr`, if it is a live handle of `kind`.
-pub(crate) fn checked<'a, T>(ptr: *const T, kind: Kind) -> Result<&'a T> {
+/// The handle behind `ptr` if it is a live handle of `kind`, held for the caller's call.
+pub(crate) fn checked<T: Send + Sync + 'static>(ptr: *const T, kind: Kind) -> Result<Held<T>> {
     if ptr.is_null() {
         return Err(Error::new(
             Status::NullPointer,
             format!("{kind:?} handle is NULL").to_lowercase(),
         ));
     }
-    if !live().contains(&(ptr as usize, kind)) {
+    let table = live();
+    if !table.contains(&(ptr as usize, kind)) {
         return Err(Error::new(
             Status::InvalidHandle,
             format!("{kind:?} handle {ptr:p} is not live (freed, or not a {kind:?})")
                 .to_lowercase(),
         ));
     }
-    // SAFETY: the pointer is in the live table, so it came from `publish` for this kind and
-    // has not been freed; handles hold their state behind a Mutex, so shared access is sound.
-    Ok(unsafe { &*ptr })
+    // SAFETY: the pointer is in the table, so it came from `Arc::into_raw` in `publish` for
+    // this kind and the table still owns that reference; taking ours while the table is
+    // locked means `retire` cannot release the table's reference in between.
+    let held = unsafe {
+        Arc::increment_strong_count(ptr);
+        Arc::from_raw(ptr)
+    };
+    drop(table);
+    Ok(Held(Some(held)))
 }
 
-/// Frees a live handle of `kind`; NULL and handles that are not live are ignored.
-pub(crate) fn retire<T>(ptr: *mut T, kind: Kind) {
+/// Retires a live handle of `kind`: later calls with it are refused; the object is destroyed
+/// now, or when the last call still holding it returns. NULL and handles that are not live
+/// are ignored.
+pub(crate) fn retire<T: Send + Sync + 'static>(ptr: *mut T, kind: Kind) {
     if ptr.is_null() {
         return;
     }
     if live().remove(&(ptr as usize, kind)) {
-        // SAFETY: it was live for this kind, so it is a Box we published and nobody frees it twice.
-        drop(unsafe { Box::from_raw(ptr) });
+        // SAFETY: it was live for this kind, so the table owned the reference `publish` made;
+        // removing it from the table gives that reference to us, once.
+        drop(Held(Some(unsafe { Arc::from_raw(ptr) })));
     } else {
         log::warn!("ignored free of a handle that is not live ({ptr:p})");
     }

@@ -58,8 +58,14 @@ struct PipelineState {
     last_name: CString,
 }
 
-fn pipeline<'a>(handle: *const PipelineHandle) -> Result<std::sync::MutexGuard<'a, PipelineState>> {
-    lock(&checked(handle, Kind::Pipeline)?.inner)
+/// Runs `f` on a live pipeline, held and locked for the call.
+fn with_pipeline<R>(
+    handle: *const PipelineHandle,
+    f: impl FnOnce(&mut PipelineState) -> Result<R>,
+) -> Result<R> {
+    let held = checked(handle, Kind::Pipeline)?;
+    let mut state = lock(&held.inner)?;
+    f(&mut state)
 }
 
 #[no_mangle]
@@ -134,12 +140,14 @@ pub extern "C" fn offload_engine_pipeline_add(
     engine_handle: *mut EngineHandle,
 ) -> c_int {
     boundary(|| {
-        let mut state = pipeline(handle)?;
-        let name = text(name, "name")?;
-        let role = Role::from_code(role)
-            .ok_or_else(|| Error::invalid(format!("component role {role} is not one of 0..5")))?;
-        let engine = checked(engine_handle, Kind::Engine)?.inner.clone();
-        state.pipeline.add(name, role, engine)
+        with_pipeline(handle, |state| {
+            let name = text(name, "name")?;
+            let role = Role::from_code(role).ok_or_else(|| {
+                Error::invalid(format!("component role {role} is not one of 0..5"))
+            })?;
+            let engine = checked(engine_handle, Kind::Engine)?.inner.clone();
+            state.pipeline.add(name, role, engine)
+        })
     })
 }
 
@@ -150,11 +158,12 @@ pub extern "C" fn offload_engine_pipeline_set_override(
     override_: c_int,
 ) -> c_int {
     boundary(|| {
-        let mut state = pipeline(handle)?;
-        let value = Override::from_code(override_).ok_or_else(|| {
-            Error::invalid(format!("placement override {override_} is not one of 0..2"))
-        })?;
-        state.pipeline.set_override(text(name, "name")?, value)
+        with_pipeline(handle, |state| {
+            let value = Override::from_code(override_).ok_or_else(|| {
+                Error::invalid(format!("placement override {override_} is not one of 0..2"))
+            })?;
+            state.pipeline.set_override(text(name, "name")?, value)
+        })
     })
 }
 
@@ -165,8 +174,9 @@ pub extern "C" fn offload_engine_pipeline_set_stage_need(
     bytes: u64,
 ) -> c_int {
     boundary(|| {
-        let mut state = pipeline(handle)?;
-        state.pipeline.set_stage_need(text(name, "name")?, bytes)
+        with_pipeline(handle, |state| {
+            state.pipeline.set_stage_need(text(name, "name")?, bytes)
+        })
     })
 }
 
@@ -174,7 +184,7 @@ macro_rules! pipeline_call {
     ($name:ident, $method:ident) => {
         #[no_mangle]
         pub extern "C" fn $name(handle: *mut PipelineHandle) -> c_int {
-            boundary(|| pipeline(handle)?.pipeline.$method())
+            boundary(|| with_pipeline(handle, |state| state.pipeline.$method()))
         }
     };
 }
@@ -183,10 +193,7 @@ macro_rules! pipeline_stage_call {
     ($name:ident, $method:ident) => {
         #[no_mangle]
         pub extern "C" fn $name(handle: *mut PipelineHandle, name: *const c_char) -> c_int {
-            boundary(|| {
-                let mut state = pipeline(handle)?;
-                state.pipeline.$method(text(name, "name")?)
-            })
+            boundary(|| with_pipeline(handle, |state| state.pipeline.$method(text(name, "name")?)))
         }
     };
 }
@@ -203,27 +210,28 @@ pub extern "C" fn offload_engine_pipeline_component_info(
     info_out: *mut ComponentInfoC,
 ) -> c_int {
     boundary(|| {
-        let mut state = pipeline(handle)?;
-        let slot = result_slot(info_out, "component info")?;
-        let info = state.pipeline.component(text(name, "name")?)?;
-        state.last_name = c_string(&info.name);
-        *slot = ComponentInfoC {
-            size: slot.size,
-            name: state.last_name.as_ptr(),
-            role: info.role as c_int,
-            placement: match info.placement {
-                Placement::Off => 0,
-                Placement::Resident => 1,
-                Placement::Streaming => 2,
-            },
-            device_bytes: info.device_bytes,
-            resident_bytes: info.resident_bytes,
-            stage_need_bytes: info.stage_need_bytes,
-            loads: info.loads,
-            unloads: info.unloads,
-            streamed_layers: info.streamed_layers,
-        };
-        Ok(())
+        with_pipeline(handle, |state| {
+            let slot = result_slot(info_out, "component info")?;
+            let info = state.pipeline.component(text(name, "name")?)?;
+            state.last_name = c_string(&info.name);
+            *slot = ComponentInfoC {
+                size: slot.size,
+                name: state.last_name.as_ptr(),
+                role: info.role as c_int,
+                placement: match info.placement {
+                    Placement::Off => 0,
+                    Placement::Resident => 1,
+                    Placement::Streaming => 2,
+                },
+                device_bytes: info.device_bytes,
+                resident_bytes: info.resident_bytes,
+                stage_need_bytes: info.stage_need_bytes,
+                loads: info.loads,
+                unloads: info.unloads,
+                streamed_layers: info.streamed_layers,
+            };
+            Ok(())
+        })
     })
 }
 
@@ -233,9 +241,10 @@ pub extern "C" fn offload_engine_pipeline_get_stats(
     stats_out: *mut PipelineStatsC,
 ) -> c_int {
     boundary(|| {
-        let state = pipeline(handle)?;
-        let slot = result_slot(stats_out, "pipeline stats")?;
-        slot.stats = state.pipeline.stats();
-        Ok(())
+        with_pipeline(handle, |state| {
+            let slot = result_slot(stats_out, "pipeline stats")?;
+            slot.stats = state.pipeline.stats();
+            Ok(())
+        })
     })
 }

@@ -7,7 +7,7 @@ use crate::ffi::boundary::{
     boundary, boundary_void, c_string, input, optional_text, out, result_slot, sized_structs,
 };
 use crate::ffi::handles::{checked, publish, retire, Kind};
-use crate::ffi::registry::{registry, RegistryHandle};
+use crate::ffi::registry::{with_registry, RegistryHandle};
 use crate::planner::{self, Budget, Link, Plan, Workload};
 
 sized_structs!(PlanParams, PlanSummary);
@@ -124,12 +124,13 @@ pub extern "C" fn offload_engine_plan_new(
     plan_out: *mut *mut PlanHandle,
 ) -> c_int {
     boundary(|| {
-        let mut state = registry(handle)?;
-        let (budget, workload, link) = plan_inputs(params)?;
-        out(plan_out, "plan_out")?;
-        let model = state.registry.model_cost();
-        let plan = planner::plan(&model, &budget, &workload, &link)?.into_result()?;
-        publish_plan(plan, model.layers.len(), plan_out)
+        with_registry(handle, |state| {
+            let (budget, workload, link) = plan_inputs(params)?;
+            out(plan_out, "plan_out")?;
+            let model = state.registry.model_cost();
+            let plan = planner::plan(&model, &budget, &workload, &link)?.into_result()?;
+            publish_plan(plan, model.layers.len(), plan_out)
+        })
     })
 }
 

@@ -73,13 +73,16 @@ fn location_code(location: Location) -> c_int {
     }
 }
 
-pub(crate) fn registry<'a>(
+/// Runs `f` on a live registry, held and locked for the call. Strings handed out by the
+/// previous call on this registry expire here.
+pub(crate) fn with_registry<R>(
     handle: *const RegistryHandle,
-) -> Result<std::sync::MutexGuard<'a, RegistryState>> {
-    let h = checked(handle, Kind::Registry)?;
-    let mut guard = lock(&h.inner)?;
-    guard.scratch.clear();
-    Ok(guard)
+    f: impl FnOnce(&mut RegistryState) -> Result<R>,
+) -> Result<R> {
+    let held = checked(handle, Kind::Registry)?;
+    let mut state = lock(&held.inner)?;
+    state.scratch.clear();
+    f(&mut state)
 }
 
 #[no_mangle]
@@ -129,17 +132,18 @@ pub extern "C" fn offload_engine_registry_add_tensor(
     id_out: *mut u64,
 ) -> c_int {
     boundary(|| {
-        let mut state = registry(handle)?;
-        let name = optional_text(name, "name")?;
-        if tensor.is_null() {
-            return Err(Error::new(Status::NullPointer, "tensor is NULL"));
-        }
-        // SAFETY: the header requires a valid tensor that outlives the registry's engines.
-        let id = unsafe { state.registry.add_ggml_tensor(tensor, name)? };
-        if let Some(slot) = optional_out(id_out) {
-            *slot = id.0;
-        }
-        Ok(())
+        with_registry(handle, |state| {
+            let name = optional_text(name, "name")?;
+            if tensor.is_null() {
+                return Err(Error::new(Status::NullPointer, "tensor is NULL"));
+            }
+            // SAFETY: the header requires a valid tensor that outlives the registry's engines.
+            let id = unsafe { state.registry.add_ggml_tensor(tensor, name)? };
+            if let Some(slot) = optional_out(id_out) {
+                *slot = id.0;
+            }
+            Ok(())
+        })
     })
 }
 
@@ -150,12 +154,13 @@ fn register_and_count(
     register: impl FnOnce(&mut Registry) -> Result<usize>,
 ) -> c_int {
     boundary(|| {
-        let mut state = registry(handle)?;
-        let count = register(&mut state.registry)?;
-        if let Some(slot) = optional_out(count_out) {
-            *slot = count;
-        }
-        Ok(())
+        with_registry(handle, |state| {
+            let count = register(&mut state.registry)?;
+            if let Some(slot) = optional_out(count_out) {
+                *slot = count;
+            }
+            Ok(())
+        })
     })
 }
 
@@ -219,38 +224,39 @@ pub extern "C" fn offload_engine_registry_add_descriptor(
     id_out: *mut u64,
 ) -> c_int {
     boundary(|| {
-        let mut state = registry(handle)?;
-        let name = text(name, "name")?;
-        if !(1..=4).contains(&n_dims) {
-            return Err(Error::invalid(format!("n_dims {n_dims} must be 1..4")));
-        }
-        if ne.is_null() {
-            return Err(Error::new(Status::NullPointer, "ne is NULL"));
-        }
-        // SAFETY: the header requires `ne` to hold n_dims values.
-        let ne = unsafe { std::slice::from_raw_parts(ne, n_dims as usize) };
-        if ne.iter().any(|&d| d <= 0) {
-            return Err(Error::invalid(format!(
-                "tensor '{name}': dimensions {ne:?} must be positive"
-            )));
-        }
-        let dims: Vec<u64> = ne.iter().map(|&d| d as u64).collect();
-        let ty = u32::try_from(ggml_type)
-            .map_err(|_| Error::invalid(format!("ggml type {ggml_type} is invalid")))?;
-        let bytes = crate::gguf::tensor_bytes(ty, &dims)
-            .map_err(|e| Error::invalid(format!("tensor '{name}': {}", e.message)))?;
-        let id = state.registry.add(TensorDesc {
-            name,
-            ggml_type: ty,
-            dims: &dims,
-            bytes,
-            source: Source::Descriptor,
-            location: Location::Host,
-        })?;
-        if let Some(slot) = optional_out(id_out) {
-            *slot = id.0;
-        }
-        Ok(())
+        with_registry(handle, |state| {
+            let name = text(name, "name")?;
+            if !(1..=4).contains(&n_dims) {
+                return Err(Error::invalid(format!("n_dims {n_dims} must be 1..4")));
+            }
+            if ne.is_null() {
+                return Err(Error::new(Status::NullPointer, "ne is NULL"));
+            }
+            // SAFETY: the header requires `ne` to hold n_dims values.
+            let ne = unsafe { std::slice::from_raw_parts(ne, n_dims as usize) };
+            if ne.iter().any(|&d| d <= 0) {
+                return Err(Error::invalid(format!(
+                    "tensor '{name}': dimensions {ne:?} must be positive"
+                )));
+            }
+            let dims: Vec<u64> = ne.iter().map(|&d| d as u64).collect();
+            let ty = u32::try_from(ggml_type)
+                .map_err(|_| Error::invalid(format!("ggml type {ggml_type} is invalid")))?;
+            let bytes = crate::gguf::tensor_bytes(ty, &dims)
+                .map_err(|e| Error::invalid(format!("tensor '{name}': {}", e.message)))?;
+            let id = state.registry.add(TensorDesc {
+                name,
+                ggml_type: ty,
+                dims: &dims,
+                bytes,
+                source: Source::Descriptor,
+                location: Location::Host,
+            })?;
+            if let Some(slot) = optional_out(id_out) {
+                *slot = id.0;
+            }
+            Ok(())
+        })
     })
 }
 
@@ -259,11 +265,12 @@ macro_rules! registry_getter {
         #[no_mangle]
         pub extern "C" fn $name(handle: *mut RegistryHandle, value_out: *mut $ty) -> c_int {
             boundary(|| {
-                let mut state = registry(handle)?;
-                let slot = out(value_out, "value_out")?;
-                let $reg = &mut state.registry;
-                *slot = $body;
-                Ok(())
+                with_registry(handle, |state| {
+                    let slot = out(value_out, "value_out")?;
+                    let $reg = &mut state.registry;
+                    *slot = $body;
+                    Ok(())
+                })
             })
         }
     };
@@ -284,11 +291,12 @@ pub extern "C" fn offload_engine_registry_architecture(
     name_out: *mut *const c_char,
 ) -> c_int {
     boundary(|| {
-        let mut state = registry(handle)?;
-        let slot = out(name_out, "name_out")?;
-        let arch = state.registry.architecture();
-        *slot = state.keep(&arch);
-        Ok(())
+        with_registry(handle, |state| {
+            let slot = out(name_out, "name_out")?;
+            let arch = state.registry.architecture();
+            *slot = state.keep(&arch);
+            Ok(())
+        })
     })
 }
 
@@ -299,11 +307,12 @@ pub extern "C" fn offload_engine_registry_find(
     id_out: *mut u64,
 ) -> c_int {
     boundary(|| {
-        let state = registry(handle)?;
-        let name = text(name, "name")?;
-        let slot = out(id_out, "id_out")?;
-        *slot = state.registry.find(name)?.0;
-        Ok(())
+        with_registry(handle, |state| {
+            let name = text(name, "name")?;
+            let slot = out(id_out, "id_out")?;
+            *slot = state.registry.find(name)?.0;
+            Ok(())
+        })
     })
 }
 
@@ -314,29 +323,30 @@ pub extern "C" fn offload_engine_registry_tensor_info(
     info_out: *mut TensorInfo,
 ) -> c_int {
     boundary(|| {
-        let mut state = registry(handle)?;
-        let slot = result_slot(info_out, "tensor info")?;
-        let id = TensorId(id);
-        let layer = state.registry.layer_of(id)?.map(|l| l as i64).unwrap_or(-1);
-        let entry = state.registry.tensor(id)?.clone();
-        let mut ne = [1i64; 4];
-        for (dst, src) in ne.iter_mut().zip(entry.dims.iter()) {
-            *dst = *src as i64;
-        }
-        let name = state.keep(&entry.name);
-        let component = state.keep(entry.component.as_str());
-        *slot = TensorInfo {
-            size: std::mem::size_of::<TensorInfo>(),
-            name,
-            ggml_type: entry.ggml_type as c_int,
-            n_dims: c_int::from(entry.n_dims),
-            ne,
-            bytes: entry.bytes,
-            layer,
-            location: location_code(entry.location),
-            component,
-        };
-        Ok(())
+        with_registry(handle, |state| {
+            let slot = result_slot(info_out, "tensor info")?;
+            let id = TensorId(id);
+            let layer = state.registry.layer_of(id)?.map(|l| l as i64).unwrap_or(-1);
+            let entry = state.registry.tensor(id)?.clone();
+            let mut ne = [1i64; 4];
+            for (dst, src) in ne.iter_mut().zip(entry.dims.iter()) {
+                *dst = *src as i64;
+            }
+            let name = state.keep(&entry.name);
+            let component = state.keep(entry.component.as_str());
+            *slot = TensorInfo {
+                size: std::mem::size_of::<TensorInfo>(),
+                name,
+                ggml_type: entry.ggml_type as c_int,
+                n_dims: c_int::from(entry.n_dims),
+                ne,
+                bytes: entry.bytes,
+                layer,
+                location: location_code(entry.location),
+                component,
+            };
+            Ok(())
+        })
     })
 }
 
@@ -347,23 +357,24 @@ pub extern "C" fn offload_engine_registry_layer_info(
     info_out: *mut LayerInfo,
 ) -> c_int {
     boundary(|| {
-        let mut state = registry(handle)?;
-        let slot = result_slot(info_out, "layer info")?;
-        let l = state
-            .registry
-            .layer(usize::try_from(layer).unwrap_or(usize::MAX))?
-            .clone();
-        let name = state.keep(&l.name);
-        let component = state.keep(l.component.as_str());
-        *slot = LayerInfo {
-            size: std::mem::size_of::<LayerInfo>(),
-            name,
-            tensor_count: l.tensors.len() as u64,
-            bytes: l.bytes,
-            location: location_code(l.location),
-            component,
-        };
-        Ok(())
+        with_registry(handle, |state| {
+            let slot = result_slot(info_out, "layer info")?;
+            let l = state
+                .registry
+                .layer(usize::try_from(layer).unwrap_or(usize::MAX))?
+                .clone();
+            let name = state.keep(&l.name);
+            let component = state.keep(l.component.as_str());
+            *slot = LayerInfo {
+                size: std::mem::size_of::<LayerInfo>(),
+                name,
+                tensor_count: l.tensors.len() as u64,
+                bytes: l.bytes,
+                location: location_code(l.location),
+                component,
+            };
+            Ok(())
+        })
     })
 }
 
@@ -376,28 +387,29 @@ pub extern "C" fn offload_engine_registry_layer_tensors(
     count_out: *mut usize,
 ) -> c_int {
     boundary(|| {
-        let mut state = registry(handle)?;
-        let count_slot = out(count_out, "count_out")?;
-        let l = state
-            .registry
-            .layer(usize::try_from(layer).unwrap_or(usize::MAX))?;
-        let n = l.tensors.len();
-        if n > 0 && ids_out.is_null() {
-            return Err(Error::new(Status::NullPointer, "ids_out is NULL"));
-        }
-        if capacity < n {
-            return Err(Error::invalid(format!(
+        with_registry(handle, |state| {
+            let count_slot = out(count_out, "count_out")?;
+            let l = state
+                .registry
+                .layer(usize::try_from(layer).unwrap_or(usize::MAX))?;
+            let n = l.tensors.len();
+            if n > 0 && ids_out.is_null() {
+                return Err(Error::new(Status::NullPointer, "ids_out is NULL"));
+            }
+            if capacity < n {
+                return Err(Error::invalid(format!(
                 "layer {layer} has {n} tensors but the array holds {capacity} (query with capacity 0 is not enough)"
             )));
-        }
-        if n > 0 {
-            // SAFETY: the caller provides `capacity` >= n writable u64s at `ids_out`.
-            let ids = unsafe { std::slice::from_raw_parts_mut(ids_out, n) };
-            for (dst, src) in ids.iter_mut().zip(&l.tensors) {
-                *dst = src.0;
             }
-        }
-        *count_slot = n;
-        Ok(())
+            if n > 0 {
+                // SAFETY: the caller provides `capacity` >= n writable u64s at `ids_out`.
+                let ids = unsafe { std::slice::from_raw_parts_mut(ids_out, n) };
+                for (dst, src) in ids.iter_mut().zip(&l.tensors) {
+                    *dst = src.0;
+                }
+            }
+            *count_slot = n;
+            Ok(())
+        })
     })
 }

@@ -2187,11 +2187,15 @@ static void check_pipeline(void)
     CHECK(run_job(pipeline, models, engines, &reference) == OFFLOAD_ENGINE_ERR_INSUFFICIENT_MEMORY);
     CHECK(contains(offload_engine_last_error(), "denoise"));
     CHECK(contains(offload_engine_last_error(), "layer_streaming"));
-    /* Still usable: the engines outlive the pipeline whichever is freed first. */
+    /* engine_free on a component takes it off the device at once, so the host may free its
+     * model, and out of the pipeline's hands: its stage is refused; the rest still runs. */
     offload_engine_engine_free(engines[0]);
+    check_all_home(&models[0]);
     CHECK_OK(offload_engine_pipeline_run_begin(pipeline));
-    CHECK_OK(offload_engine_pipeline_stage_begin(pipeline, "cond"));
-    CHECK_OK(offload_engine_pipeline_stage_end(pipeline, "cond"));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_STATE, offload_engine_pipeline_stage_begin(pipeline, "cond"));
+    CHECK(contains(offload_engine_last_error(), "freed"));
+    CHECK_OK(offload_engine_pipeline_stage_begin(pipeline, "denoise"));
+    CHECK_OK(offload_engine_pipeline_stage_end(pipeline, "denoise"));
     CHECK_OK(offload_engine_pipeline_run_end(pipeline));
     offload_engine_pipeline_free(pipeline);
     offload_engine_engine_free(engines[1]);

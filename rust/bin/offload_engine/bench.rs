@@ -462,7 +462,11 @@ pub fn measure_disk(quick: bool) -> Result<DiskBenchReport> {
         r.stats.bytes_copied as f64 / (r.stats.copy_us.max(1) as f64 / 1e6)
     };
     let ring = u64::from(warm.plan.slot_count) * warm.plan.slot_bytes;
-    let direct = offload_engine::diskio::FileSet::open(std::slice::from_ref(&path))?.direct(0);
+    let direct = offload_engine::diskio::FileSet::open(&[offload_engine::diskio::ModelFile {
+        path: path.clone(),
+        stamp: None,
+    }])?
+    .direct(0);
     let (fw, fc) = (
         throughput(&warm) / sequential_warm,
         throughput(&cold) / sequential_cold,
