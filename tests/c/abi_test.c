@@ -1748,12 +1748,20 @@ struct staged_host {
     int null_layer;        /* build_layer returns NULL for this layer; -1: never */
     int misshapen_layer;   /* build_layer returns a tensor of the wrong size; -1: never */
     int null_output;
+    /* Called first thing in build_layer: a host doing something hostile in mid-pass. */
+    void (*layer_hook)(struct staged_host *host, uint64_t layer);
+    void *hook_data;
+    int scale_ops;  /* build_layer appends this many identity scales (big graphs) */
+    int layer_type; /* build_layer returns a fresh tensor of this ggml type; -1: never */
+    int input_type; /* build_input does the same; -1: never */
 };
 
 static struct ggml_tensor *stage_input(void *user, struct ggml_context *ctx)
 {
     struct staged_host *host = (struct staged_host *)user;
 #if ABI_TEST_WITH_GGML
+    if (host->input_type >= 0)
+        return ggml_new_tensor_1d(ctx, (enum ggml_type)host->input_type, MODEL_DIM);
     host->input = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, MODEL_DIM, 1);
 #else
     /* Nothing can be built without ggml: the executor must refuse the NULL. */
@@ -1777,6 +1785,8 @@ static int stage_set_inputs(void *user)
 static struct ggml_tensor *stage_layer(void *user, struct ggml_context *ctx, uint64_t layer, struct ggml_tensor *x)
 {
     struct staged_host *host = (struct staged_host *)user;
+    if (host->layer_hook != NULL)
+        host->layer_hook(host, layer);
     if (host->probe_engine != NULL) {
         struct ggml_backend *backend = NULL; /* a call that succeeds on an engine not in use */
         host->probe_status = offload_engine_engine_backend(host->probe_engine, &backend);
@@ -1787,7 +1797,15 @@ static struct ggml_tensor *stage_layer(void *user, struct ggml_context *ctx, uin
 #if ABI_TEST_WITH_GGML
     if ((int)layer == host->misshapen_layer)
         return ggml_new_tensor_1d(ctx, GGML_TYPE_F32, 2 * MODEL_DIM);
-    return ggml_add(ctx, ggml_mul_mat(ctx, host->model->weights[layer], x), x);
+    if (host->layer_type >= 0)
+        return ggml_new_tensor_1d(ctx, (enum ggml_type)host->layer_type, MODEL_DIM);
+    {
+        struct ggml_tensor *y = ggml_add(ctx, ggml_mul_mat(ctx, host->model->weights[layer], x), x);
+        int i;
+        for (i = 0; i < host->scale_ops; i++)
+            y = ggml_scale(ctx, y, 1.0f); /* exact: the output stays bit-identical */
+        return y;
+    }
 #else
     (void)ctx;
     return x;
@@ -1815,6 +1833,8 @@ static offload_engine_staged_model staged_model(struct staged_host *host, struct
     host->probe_status = -1;
     host->null_layer = -1;
     host->misshapen_layer = -1;
+    host->layer_type = -1;
+    host->input_type = -1;
     memset(&staged, 0, sizeof staged);
     staged.size = sizeof staged;
     staged.user = host;
@@ -2230,6 +2250,8 @@ static void check_load_gguf(void)
     }
 }
 
+#include "hostile_use.c"
+
 /* ---------------------------------------------------------------------------------------
  * Entry point
  * ------------------------------------------------------------------------------------- */
@@ -2258,6 +2280,7 @@ static void run_c_checks(int argc, char **argv)
     check_measurements();
     check_pipeline();
     check_load_gguf();
+    check_hostile_use();
 #ifdef ABI_TEST_PRINT_COUNT
     printf("%ld checks passed\n", checks_passed);
 #endif
