@@ -5,11 +5,15 @@ use std::env;
 use std::path::{Path, PathBuf};
 
 const HOST_GGML_VAR: &str = "OFFLOAD_ENGINE_GGML_DIR";
+/// `static`: link the host ggml's static libraries into this crate (for Rust programs, such
+/// as the fuzz targets, that have no C++ host to supply ggml at their final link).
+const HOST_GGML_LINK_VAR: &str = "OFFLOAD_ENGINE_GGML_LINK";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=vendor/ggml_api.h");
     println!("cargo:rerun-if-env-changed={HOST_GGML_VAR}");
+    println!("cargo:rerun-if-env-changed={HOST_GGML_LINK_VAR}");
 
     let vendored = env::var_os("CARGO_FEATURE_VENDORED_GGML").is_some();
     let host_dir = env::var_os(HOST_GGML_VAR).map(PathBuf::from);
@@ -69,12 +73,21 @@ fn host_ggml(dir: &Path) -> PathBuf {
             include.display()
         ));
     }
+    let link_static = env::var(HOST_GGML_LINK_VAR).is_ok_and(|v| v == "static");
     for lib_dir in [dir.join("lib"), dir.join("lib64")] {
         if lib_dir.join("libggml.so").exists() {
             println!("cargo:rustc-link-search=native={}", lib_dir.display());
             for lib in ["ggml", "ggml-base"] {
                 println!("cargo:rustc-link-lib=dylib={lib}");
             }
+        } else if link_static && lib_dir.join("libggml.a").exists() {
+            println!("cargo:rustc-link-search=native={}", lib_dir.display());
+            for lib in ["ggml-base", "ggml-cpu", "ggml"] {
+                if lib_dir.join(format!("lib{lib}.a")).exists() {
+                    println!("cargo:rustc-link-lib=static={lib}");
+                }
+            }
+            println!("cargo:rustc-link-lib=dylib=stdc++");
         }
     }
     include

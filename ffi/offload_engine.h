@@ -16,6 +16,9 @@
  *    other call returns OFFLOAD_ENGINE_ERR_NULL_POINTER or OFFLOAD_ENGINE_ERR_INVALID_HANDLE.
  *    (A freed handle whose address was reused by a new handle of the same kind cannot be
  *    told apart: do not use handles after _free.)
+ *  - A _free that comes while a call on the same handle is running (from another thread,
+ *    from a callback of that call, or from the log callback) is deferred: the handle is
+ *    refused to new calls at once and destroyed when the running call returns.
  *  - Parameter and result structs start with `size`: fill parameter structs with the matching
  *    *_params_init() and set `size` of result structs to sizeof(struct) before the call, so
  *    the structs can grow without breaking older callers.
@@ -26,7 +29,11 @@
  *    OFFLOAD_ENGINE_ERR_INVALID_STATE instead of racing. Log callbacks may be invoked from
  *    the engine's copy thread.
  *  - No call aborts the process: inputs are checked before they reach ggml, and internal
- *    panics are caught and returned as OFFLOAD_ENGINE_ERR_INTERNAL.
+ *    panics are caught and returned as OFFLOAD_ENGINE_ERR_INTERNAL. The one limit the library
+ *    cannot check for the host is how many tensors a graph-building callback creates (see
+ *    offload_engine_engine_run_pass).
+ *  - A weight tensor belongs to one live engine at a time: an engine over tensors another
+ *    live engine holds, or registering such a tensor again, is ERR_INVALID_STATE.
  */
 #ifndef OFFLOAD_ENGINE_H
 #define OFFLOAD_ENGINE_H
@@ -142,8 +149,9 @@ void offload_engine_registry_free(offload_engine_registry *registry);
 
 /* Registers a host tensor. `name` NULL uses the name ggml holds. The tensor's data must be
  * allocated in host memory; the tensor must stay alive, at the same address, as long as this
- * registry or any engine made from it. Duplicate names: ERR_ALREADY_EXISTS. `id_out` may be
- * NULL. */
+ * registry or any engine made from it. Duplicate names: ERR_ALREADY_EXISTS. A tensor without
+ * elements: ERR_INVALID_ARGUMENT. A tensor a live engine holds: ERR_INVALID_STATE. `id_out`
+ * may be NULL. */
 int offload_engine_registry_add_tensor(offload_engine_registry *registry, struct ggml_tensor *tensor, const char *name, uint64_t *id_out);
 
 /* Registers every tensor of a context (same rules as add_tensor); all or nothing.
@@ -151,7 +159,9 @@ int offload_engine_registry_add_tensor(offload_engine_registry *registry, struct
 int offload_engine_registry_add_context(offload_engine_registry *registry, struct ggml_context *ctx, size_t *count_out);
 
 /* Registers every tensor a GGUF file describes (no weights are read). All or nothing: a
- * corrupt file adds nothing and returns ERR_CORRUPT_FILE naming the problem. */
+ * corrupt file (an empty name or one with NUL in it, a tensor without elements, a range
+ * outside the file...) adds nothing and returns ERR_CORRUPT_FILE naming the problem. A path
+ * that is not a regular file (a FIFO, a directory) is ERR_IO, refused before it is opened. */
 int offload_engine_registry_add_gguf(offload_engine_registry *registry, const char *path, size_t *count_out);
 
 /* Disk tier: registers the tensors of a no_alloc context (no data) whose weights stay in the
@@ -160,7 +170,9 @@ int offload_engine_registry_add_gguf(offload_engine_registry *registry, const ch
  * allows it) when it runs, so host memory holds no copy of the model. Between uses these
  * tensors have no data. All or nothing; a data range outside the file is ERR_CORRUPT_FILE.
  * A read error while streaming fails that layer_begin with ERR_IO naming the tensor and file
- * offset; the engine stays usable (offload_all, free). To stream from a file the host already
+ * offset; the engine stays usable (offload_all, free). The file must stay the file that was
+ * registered: a prepare that finds another file at the path, or this one rewritten (its
+ * inode, size or modification time changed), is ERR_IO and streams nothing from it. To stream from a file the host already
  * mmaps, register the mapped tensors with add_tensor/add_context instead (no copy is made
  * unless pinned_limit_bytes asks for one). */
 int offload_engine_registry_add_file_backed(offload_engine_registry *registry, struct ggml_context *ctx, const char *path, size_t *count_out);
@@ -265,7 +277,7 @@ typedef struct offload_engine_engine_params {
     uint64_t min_free_bytes; /* kept free when measuring (default 512 MiB) */
     double safety_fraction;  /* of measured free memory (default 0.90) */
     uint32_t prefetch_depth; /* default 1 */
-    int compute_threads;     /* CPU backend threads (default 1) */
+    int compute_threads;     /* CPU backend threads, 1..256 (default 1) */
     int trace;               /* non-zero: record a timeline for offload_engine_engine_trace_write */
     /* Cap on engine-owned staging copies of streamed layers (pinned where the device has
      * pinned host memory, so copies run asynchronously). UINT64_MAX (the default): stage
@@ -306,14 +318,20 @@ void offload_engine_engine_params_init(offload_engine_engine_params *params);
 int offload_engine_engine_new(const offload_engine_engine_params *params, offload_engine_registry *registry, offload_engine_engine **engine_out);
 
 /* Restores every registered tensor to its host memory, joins the copy thread and frees the
- * device arena. Safe with a pass open or copies in flight. */
+ * device arena. Safe with a pass open or copies in flight. An engine that is a pipeline
+ * component leaves the device here too (its tensors are home when this returns) and the
+ * pipeline no longer places it: its stage_begin is ERR_INVALID_STATE. */
 void offload_engine_engine_free(offload_engine_engine *engine);
 
 /* The engine's compute backend; owned by the engine, valid until engine_free. */
 int offload_engine_engine_backend(offload_engine_engine *engine, struct ggml_backend **backend_out);
 
-/* Plans with `params` (free_bytes 0: the engine's budget or the device's free memory),
- * allocates the device arena once and places the resident layers. `plan_out` may be NULL;
+/* Plans with `params`, allocates the device arena once and places the resident layers.
+ * free_bytes non-zero: this placement is planned exactly as offload_engine_plan_new plans
+ * with the same params (free memory, min_free_bytes, safety_fraction, reserves); later
+ * prepares use the engine's own budget again. free_bytes 0: the engine's budget_bytes (all of
+ * it) or else the device's free memory (less the engine's min_free_bytes and safety
+ * fraction), with the params' reserves. `plan_out` may be NULL;
  * otherwise the caller frees it. Calling it again between runs (no pass open) re-plans:
  * free memory is measured anew and the per-layer compute times and copy bandwidth measured
  * by earlier passes replace table values (the plan message says which figures were
@@ -336,7 +354,7 @@ int offload_engine_engine_measure_graph(offload_engine_engine *engine, struct gg
  * layer_begin / (build and compute the layer's graph) / layer_end, then end.
  * layer_begin waits only if that layer's copy is not done and points its tensors at device
  * memory; layer_end points them back at host memory and frees the slot. One layer is open at
- * a time; out-of-order layers work (loaded on demand). */
+ * a time, and layer_end must name it; out-of-order layers work (loaded on demand). */
 int offload_engine_engine_pass_begin(offload_engine_engine *engine);
 int offload_engine_engine_pass_end(offload_engine_engine *engine);
 int offload_engine_engine_layer_begin(offload_engine_engine *engine, uint64_t layer);
@@ -386,11 +404,16 @@ typedef struct offload_engine_staged_model {
     struct ggml_tensor *(*build_output)(void *user, struct ggml_context *ctx, struct ggml_tensor *x);
 } offload_engine_staged_model;
 
-/* Runs one pass (the engine must be prepared). Copies the output tensor's bytes to `output`
- * (may be NULL to only learn the size; too small a capacity is ERR_INVALID_ARGUMENT) and
- * writes its size to `output_size_out` (may be NULL). A NULL or wrongly shaped tensor from a
- * callback is ERR_INVALID_ARGUMENT, never a ggml abort; on error the pass is abandoned and
- * the engine stays usable. */
+/* Runs one pass (the engine must be prepared, with no pass of the host's own open: that is
+ * ERR_INVALID_STATE and leaves the open pass as it was). Copies the output tensor's bytes to
+ * `output` (may be NULL to only learn the size; too small a capacity is
+ * ERR_INVALID_ARGUMENT) and writes its size to `output_size_out` (may be NULL). A NULL or
+ * wrongly shaped tensor from a callback, one of a type other than f32, f16 or bf16, or an
+ * activation whose size overflows is ERR_INVALID_ARGUMENT, never a ggml abort; on error the
+ * pass is abandoned and the engine stays usable. Graphs are sized from what the callbacks
+ * built, whatever their size; each callback call may create up to 32768 tensors in its
+ * context (more runs ggml out of context memory, which aborts). Consecutive resident layers
+ * share a graph while it holds fewer than 32768 tensors. */
 int offload_engine_engine_run_pass(offload_engine_engine *engine, const offload_engine_staged_model *model, void *output, size_t output_capacity, size_t *output_size_out);
 
 
@@ -481,13 +504,19 @@ typedef struct offload_engine_pipeline_stats {
 
 void offload_engine_pipeline_params_init(offload_engine_pipeline_params *params);
 int offload_engine_pipeline_new(const offload_engine_pipeline_params *params, offload_engine_pipeline **pipeline_out);
-/* Puts every component back in host memory; the engines live on while the host holds them. */
+/* Puts every component back in host memory and hands its engine back to the host (prepare
+ * is allowed again); the engines live on while the host holds them. A component busy in a
+ * call on another thread is waited for; one whose call is running on this thread (the free
+ * comes from its callback) stays placed until the host frees or prepares it. */
 void offload_engine_pipeline_free(offload_engine_pipeline *pipeline);
 
 /* Adds `engine` as component `name` (unique, copied). Add components in the order their
- * stages run. The pipeline shares ownership of the engine (either may be freed first) and
- * plans it from now on: do not call engine_prepare on it. All components must be on one
- * device. Not while a run is open. */
+ * stages run. The pipeline shares ownership of the engine (either may be freed first; see
+ * engine_free) and plans it from now on: engine_prepare on it is ERR_INVALID_STATE. An
+ * engine belongs to one pipeline at a time (a second pipeline's add is ERR_INVALID_STATE).
+ * All components must be on one device. Not while a run is open.
+ * Pipeline calls made from inside a call on one of its components (a run_pass callback, a
+ * log callback) are ERR_INVALID_STATE: they would wait for the call they run in. */
 int offload_engine_pipeline_add(offload_engine_pipeline *pipeline, const char *name, int role, offload_engine_engine *engine);
 /* offload_engine_placement_override for one component. */
 int offload_engine_pipeline_set_override(offload_engine_pipeline *pipeline, const char *name, int override_);

@@ -98,6 +98,7 @@ def plan_seeds():
 
 LIVE = 4  # State::pick selector for the first live handle of the wanted kind
 ANY = 3  # the first handle of the wanted kind, live or freed
+SECOND = LIVE | 1 << 3  # the second live handle of the wanted kind
 
 
 def registry_new():
@@ -172,6 +173,47 @@ def stats(engine=LIVE):
     return [21, engine, 0, 3, 1]
 
 
+def name(index):
+    """A string argument from the target's table (NAMES, COMPONENTS, ...)."""
+    return [2 | (index << 2)]
+
+
+def pipeline_new(mode=0, budget_kib=1024, prefetch=1):
+    """mode: 0 none .. 4 layer_streaming; budget in KiB, nothing kept free, no margin."""
+    out = [26, 3, mode + 1, 0] + list(struct.pack("<H", budget_kib)) + [10]
+    return out + [prefetch] + count(1) + count(1) + [1, 0, 1]
+
+
+def pipeline_add(component=0, role=1, pipe=LIVE, engine=LIVE):
+    """component from COMPONENTS (cond, denoise, vae); role 0 conditioner, 1 diffusion, ..."""
+    return [28, pipe, engine] + name(component) + [role + 1]
+
+
+def pipeline_call(op, component=0, pipe=LIVE):
+    """op: 0 run_begin, 1 run_end, 2 stage_begin, 3 stage_end."""
+    return [29, pipe] + name(component) + [op]
+
+
+HOSTILE = {"none": [4], "free_engine": [0, LIVE], "free_pipeline": [1, LIVE],
+           "run_begin": [2, LIVE], "engine_call": [3]}
+
+
+def staged_pass(engine=LIVE, hostile="none", at=1, scale_sel=5):
+    """run_pass over the engine's layers with honest builders (scale_sel 0: 12000 identity
+    scales per layer, 1: 30000), doing `hostile` from inside layer `at`."""
+    return [30, engine, 1, 1, 0, scale_sel] + HOSTILE[hostile] + [at, 3, 3]
+
+
+def arm_log_free(kind=0, handle=LIVE):
+    """kind: 0 engine, 1 pipeline, 2 registry, 3 plan."""
+    return [31, kind, handle]
+
+
+def free_during_pass(kind=0, handle=LIVE, delay=10, engine=LIVE, layers=4):
+    """A second thread frees the handle while this one runs a whole pass."""
+    return [32, kind, handle, delay, 0, engine, layers, 0]
+
+
 def abi_seeds():
     yield "stream_session", bytes(
         registry_new() + add_context(0) + getters(1) + plan_new(1, 10) + plan_summary()
@@ -187,6 +229,26 @@ def abi_seeds():
         registry_new() + add_context(0) + engine_new(budget_kib=1, prefetch=2)
         + prepare(workload=(1, 2, 2)) + layer(True, 2) + [16, LIVE] + layer(True, 3)
         + layer(True, 1) + layer(False, 3) + layer(False, 9) + [17, LIVE] + [17, LIVE])
+    yield "staged_pass", bytes(
+        registry_new() + add_context(0) + engine_new(budget_kib=1) + prepare()
+        + staged_pass() + staged_pass(scale_sel=0) + staged_pass(hostile="engine_call")
+        + staged_pass(hostile="free_engine", at=2) + [14, LIVE])
+    yield "pipeline_session", bytes(
+        registry_new() + add_context(0) + engine_new(budget_kib=64) + pipeline_new(mode=4)
+        + pipeline_add(1, 1) + pipeline_call(0) + pipeline_call(2, 1) + staged_pass()
+        + staged_pass(hostile="run_begin") + pipeline_call(3, 1) + pipeline_call(1)
+        + pipeline_new(mode=0) + pipeline_add(0, 1, pipe=SECOND) + [27, LIVE]
+        + pipeline_add(0, 1) + pipeline_call(0) + pipeline_call(2, 0)
+        + staged_pass(hostile="free_pipeline") + prepare() + [14, LIVE])
+    yield "two_engines", bytes(
+        registry_new() + add_context(0) + engine_new(budget_kib=1) + engine_new()
+        + registry_new() + add_context(0, reg=ANY) + prepare() + whole_pass(4)
+        + [14, LIVE] + engine_new() + prepare() + whole_pass(4))
+    yield "frees_in_flight", bytes(
+        registry_new() + add_context(0) + engine_new(budget_kib=1) + prepare()
+        + free_during_pass(delay=0) + registry_new() + add_context(0, reg=SECOND)
+        + engine_new(budget_kib=1, reg=SECOND) + arm_log_free() + [24, 1, 0] + prepare()
+        + whole_pass(4) + [16, LIVE] + engine_new(budget_kib=1) + prepare() + whole_pass(4))
     yield "descriptors", bytes(
         registry_new() + add_descriptor(0, 4096, 4096) + add_descriptor(1, 4096, 4096)
         + add_descriptor(3, 4096, 1) + getters(1) + plan_new(60000, 11) + plan_summary()

@@ -274,6 +274,12 @@ impl Engine {
         }
     }
 
+    /// Gives up the engine's hold on its tensors (the host freed it; it is off the device and
+    /// never placed again), so another engine may take them.
+    pub fn release_claim(&mut self) {
+        self.claim = TensorClaim::default();
+    }
+
     /// Whether `len` bytes at `offset` lie inside tensor `name`.
     pub fn check_tensor_write(&self, name: &str, offset: u64, len: u64) -> Result<()> {
         let entry = self.registry.tensor(self.registry.find(name)?)?;

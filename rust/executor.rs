@@ -70,6 +70,7 @@ pub struct Executor {
     /// Borrowed: the engine's (or host's) compute backend.
     backend: Backend,
     activation_elements: i64,
+    activation_shape: [i64; 2],
     allocator: NonNull<sys::ggml_gallocr>,
     _act_ctx: Context,
     act_buffer: NonNull<sys::ggml_backend_buffer>,
@@ -152,6 +153,7 @@ impl Executor {
         Ok(Executor {
             backend: Backend::borrowed(backend.raw())?,
             activation_elements: elements,
+            activation_shape: shape,
             allocator,
             _act_ctx: act_ctx,
             act_buffer,
@@ -276,6 +278,33 @@ impl Executor {
         Ok(tensor)
     }
 
+    /// What a layer in a merged run gets from the one before it: exactly what it would get
+    /// in a graph of its own, a contiguous f32 tensor of the activation's shape.
+    ///
+    /// # Safety
+    /// `ctx` is the builder context and `y` a checked builder result (activation elements,
+    /// f32, f16 or bf16).
+    unsafe fn as_activation(
+        &self,
+        ctx: *mut sys::ggml_context,
+        y: *mut sys::ggml_tensor,
+    ) -> *mut sys::ggml_tensor {
+        let [ne0, ne1] = self.activation_shape;
+        // SAFETY: the caller's guarantee; cast, cont and reshape accept these tensors.
+        unsafe {
+            let mut x = y;
+            if (*x).type_ != sys::GGML_TYPE_F32 {
+                x = sys::ggml_cast(ctx, x, sys::GGML_TYPE_F32);
+            } else if !sys::ggml_is_contiguous(x) {
+                x = sys::ggml_cont(ctx, x);
+            }
+            if (*x).ne[0] != ne0 || (*x).ne[1] != ne1 || sys::ggml_n_dims(x) > 2 {
+                x = sys::ggml_reshape_2d(ctx, x, ne0, ne1);
+            }
+            x
+        }
+    }
+
     fn run_pass_inner(
         &mut self,
         model: &dyn LayeredModel,
@@ -329,6 +358,8 @@ impl Executor {
                 if !merge {
                     break;
                 }
+                // SAFETY: `x` was checked just above; `ctx` is the builder context.
+                x = unsafe { self.as_activation(ctx, x) };
             }
             // SAFETY: copy into the other persistent activation (element count and type
             // checked); the context keeps one tensor of room for it past the builders' share.

@@ -293,11 +293,17 @@ impl EngineCell {
         if !self.is_managed() || self.held_here() {
             return;
         }
+        self.put_away();
+    }
+
+    /// Takes a retired engine off the device for good and lets go of its tensors.
+    fn put_away(&self) {
         let mut engine = self.lock_waiting();
         let _ = engine.offload_all();
         if let Err(err) = engine.release() {
             log::warn!("taking a freed engine off the device: {}", err.message);
         }
+        engine.release_claim();
     }
 }
 
@@ -500,11 +506,14 @@ impl Pipeline {
         }
     }
 
-    /// Forgets the placements of components whose engine the host freed (their engines left
-    /// the device then).
+    /// Components whose engine the host freed leave the device (if a call of ours held them
+    /// when the host freed them, they leave now) and are placed no more.
     fn sweep_retired(&mut self) {
         for c in &mut self.components {
-            if c.engine.is_retired() && c.placement != Placement::Off {
+            if c.engine.is_retired() && !c.engine.held_here() {
+                if c.placement != Placement::Off || c.engine.lock_waiting().device_bytes() > 0 {
+                    c.engine.put_away();
+                }
                 c.placement = Placement::Off;
                 c.device_bytes = 0;
                 c.streamed_layers = 0;
@@ -636,6 +645,13 @@ impl Pipeline {
 
     /// Starts a job: free device memory is measured again (unless the budget is fixed).
     pub fn run_begin(&mut self) -> Result<()> {
+        let result = self.run_begin_now();
+        // A component freed from a log callback during this call leaves the device now.
+        self.sweep_retired();
+        result
+    }
+
+    fn run_begin_now(&mut self) -> Result<()> {
         self.refuse_reentry("run_begin")?;
         if self.in_run {
             return Err(Error::state(
@@ -669,6 +685,13 @@ impl Pipeline {
 
     /// Ends a job and applies the reload policy.
     pub fn run_end(&mut self) -> Result<()> {
+        let result = self.run_end_now();
+        // A component freed from a log callback during this call leaves the device now.
+        self.sweep_retired();
+        result
+    }
+
+    fn run_end_now(&mut self) -> Result<()> {
         self.refuse_reentry("run_end")?;
         if !self.in_run {
             return Err(Error::state("run_end without run_begin"));
@@ -713,6 +736,13 @@ impl Pipeline {
 
     /// Makes component `name` usable on the device for its stage.
     pub fn stage_begin(&mut self, name: &str) -> Result<()> {
+        let result = self.stage_begin_now(name);
+        // A component freed from a log callback during this call leaves the device now.
+        self.sweep_retired();
+        result
+    }
+
+    fn stage_begin_now(&mut self, name: &str) -> Result<()> {
         self.refuse_reentry("stage_begin")?;
         let i = self.index(name)?;
         self.check_not_retired(i)?;
@@ -748,7 +778,10 @@ impl Pipeline {
             self.record_load(i, placed, "its stage");
         }
         self.stage = Some(i);
-        let in_use = self.held(None) + self.components[i].stage_need;
+        // Stage needs come from the host as any u64: every sum with one saturates.
+        let in_use = self
+            .held(None)
+            .saturating_add(self.components[i].stage_need);
         self.stats.peak_device_bytes = self.stats.peak_device_bytes.max(in_use);
         // The next stage's component goes on now if it fits beside this stage.
         self.prefetch_next(i, self.components[i].stage_need, false);
@@ -757,6 +790,13 @@ impl Pipeline {
 
     /// Ends component `name`'s stage; it leaves now if the mode or its override says so.
     pub fn stage_end(&mut self, name: &str) -> Result<()> {
+        let result = self.stage_end_now(name);
+        // A component freed from a log callback during this call leaves the device now.
+        self.sweep_retired();
+        result
+    }
+
+    fn stage_end_now(&mut self, name: &str) -> Result<()> {
         self.refuse_reentry("stage_end")?;
         let i = self.index(name)?;
         self.sweep_retired();
@@ -822,14 +862,13 @@ impl Pipeline {
             .iter()
             .enumerate()
             .filter(|(i, _)| Some(*i) != except)
-            .map(|(_, c)| c.device_bytes)
-            .sum();
+            .fold(0u64, |sum, (_, c)| sum.saturating_add(c.device_bytes));
         let pending = self
             .background
             .as_ref()
             .filter(|b| Some(b.component) != except)
             .map_or(0, |b| b.reserved);
-        placed + pending
+        placed.saturating_add(pending)
     }
 
     /// Budget left for component `i` (its own placement not counted as used).
@@ -846,7 +885,7 @@ impl Pipeline {
             Placement::Off => self.resident_bytes(i)?,
             _ => self.components[i].device_bytes,
         };
-        Ok(weights + self.components[i].stage_need)
+        Ok(weights.saturating_add(self.components[i].stage_need))
     }
 
     /// Moves out components the mode lets leave, least recently used first, until component
@@ -916,7 +955,7 @@ impl Pipeline {
         c.streamed_layers = placed.streamed_layers;
         c.loads += 1;
         self.stats.loads += 1;
-        self.stats.bytes_loaded += placed.device_bytes;
+        self.stats.bytes_loaded = self.stats.bytes_loaded.saturating_add(placed.device_bytes);
         self.stats.load_us += placed.micros;
         let line = format!(
             "load '{}' ({}): {} {} in {:.2} ms ({reason})",

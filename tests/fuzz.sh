@@ -6,10 +6,13 @@
 #
 #   FUZZ_SECONDS=60 tests/fuzz.sh            # longer runs
 #   tests/fuzz.sh fuzz_gguf                  # one target
-#   ./fuzz/target/<host>/release/fuzz_gguf fuzz/target/artifacts/fuzz_gguf-crash-...   # replay
+#   $CARGO_TARGET_DIR/fuzz/<host>/release/fuzz_gguf $CARGO_TARGET_DIR/fuzz/artifacts/fuzz_gguf-crash-...   # replay
 #
-# fuzz_abi links the whole library, so its first build compiles ggml into fuzz/target (once;
-# about 6 minutes on 2 cores). The other three build in under 2 minutes without it.
+# Everything builds under the main target directory ($CARGO_TARGET_DIR, default target/), in
+# fuzz/. fuzz_abi links the whole library, built in host-ggml mode against the static ggml the
+# main build compiled (OFFLOAD_ENGINE_GGML_DIR names it; otherwise the newest one under the
+# target directory, built first with `cargo build --lib` when there is none), so ggml is never
+# compiled a second time for fuzzing.
 #
 # Coverage comes from LLVM's SanitizerCoverage pass, enabled with stable -C flags (what
 # cargo-fuzz does, minus -Zsanitizer=address, which needs nightly). Without ASan, memory
@@ -19,6 +22,9 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
+fuzz_dir="$target_dir/fuzz"
 seconds=${FUZZ_SECONDS:-10}
 toolchain=${FUZZ_TOOLCHAIN:-stable}
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=(fuzz_gguf fuzz_patterns fuzz_plan fuzz_abi); fi
@@ -40,19 +46,41 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
 
 echo "fuzz: building ${targets[*]} ($("${cargo[@]}" --version), target $host)"
 build_args=()
+needs_ggml=0
 for t in "${targets[@]}"; do
     build_args+=(--bin "$t")
     # Only fuzz_abi needs the library (and ggml); the feature keeps it out of the others' builds.
-    if [ "$t" = fuzz_abi ]; then build_args+=(--features abi); fi
+    if [ "$t" = fuzz_abi ]; then build_args+=(--features abi); needs_ggml=1; fi
 done
+
+# The ggml the main build compiled: an install prefix with include/ and lib/libggml*.a.
+find_ggml() {
+    ls -td "$target_dir"/*/build/llama-cpp-sys-2-*/out 2>/dev/null | while read -r prefix; do
+        if [ -f "$prefix/include/ggml-backend.h" ] && [ -f "$prefix/lib/libggml.a" ]; then
+            echo "$prefix"
+            break
+        fi
+    done
+}
+if [ "$needs_ggml" = 1 ]; then
+    ggml_dir=${OFFLOAD_ENGINE_GGML_DIR:-$(find_ggml)}
+    if [ -z "$ggml_dir" ]; then
+        echo "fuzz: no ggml build under $target_dir yet; building the library first"
+        "${cargo[@]}" build --lib --manifest-path "$root/Cargo.toml" --target-dir "$target_dir"
+        ggml_dir=$(find_ggml)
+    fi
+    [ -n "$ggml_dir" ] || { echo "fuzz: cannot find the main build's ggml" >&2; exit 1; }
+    echo "fuzz: fuzz_abi links the ggml in $ggml_dir"
+    export OFFLOAD_ENGINE_GGML_DIR="$ggml_dir" OFFLOAD_ENGINE_GGML_LINK=static
+fi
 build_start=$SECONDS
 "${cargo[@]}" build --release --manifest-path "$root/fuzz/Cargo.toml" \
-    --target-dir "$root/fuzz/target" --target "$host" "${build_args[@]}"
+    --target-dir "$fuzz_dir" --target "$host" "${build_args[@]}"
 echo "fuzz: build took $((SECONDS - build_start))s"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/offload-fuzz.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-artifacts="$root/fuzz/target/artifacts"
+artifacts="$fuzz_dir/artifacts"
 mkdir -p "$artifacts"
 
 failed=0
@@ -67,7 +95,7 @@ for t in "${targets[@]}"; do
     log="$work/$t.log"
     echo "fuzz: running $t for ${seconds}s"
     set +e
-    "$root/fuzz/target/$host/release/$t" "$corpus" "${dict_args[@]}" \
+    "$fuzz_dir/$host/release/$t" "$corpus" "${dict_args[@]}" \
         -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 \
         -print_final_stats=1 -artifact_prefix="$artifacts/$t-" >"$log" 2>&1
     status=$?

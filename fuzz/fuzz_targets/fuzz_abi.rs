@@ -1,17 +1,23 @@
 //! A state-machine fuzzer of the C ABI (ffi/offload_engine.h) against real engines on the CPU
-//! device. Each input is a sequence of at most MAX_OPS calls on registries, plans and engines,
-//! with fuzzed arguments: NULL, freed, foreign and wrong-kind handles, out-of-range ids and
-//! layers, odd struct sizes, invalid UTF-8, passes and layers in any order, frees at any point.
+//! device. Each input is a sequence of at most MAX_OPS calls on registries, plans, engines and
+//! pipelines, with fuzzed arguments: NULL, freed, foreign and wrong-kind handles, out-of-range
+//! ids and layers, odd struct sizes, invalid UTF-8, passes and layers in any order, frees at
+//! any point. It also does what no host should: two engines over one model, one engine in two
+//! pipelines, run_pass whose graph builders return tensors of every ggml type or build graphs
+//! of tens of thousands of nodes, and which free the engine, free a pipeline or call the
+//! pipeline from inside the pass; frees from the log callback (on whatever thread it runs) and
+//! from a second thread while the first is in a call.
 //!
 //! Checks, per call: it returns a status in 0..=13; a failure leaves a non-empty
 //! last_error(); an out-parameter is left alone on failure; no panic happens (libFuzzer's
 //! panic hook aborts even on panics the library would catch, so ERR_INTERNAL cannot hide one);
-//! a plan handle's summary agrees with its mode and message.
+//! a plan handle's summary agrees with its mode and message; a second engine over a model
+//! with a live engine is refused; a completed run_pass whose builders were honest returns its
+//! input bit for bit (the layers add zero times their weights' sum).
 //! Per input, after freeing whatever is still alive: no handle the input saw is live any more,
 //! and every model tensor points at its host memory again with its weights unchanged.
 //!
-//! The two tiny ggml models are built once per process. The ABI lets two live engines redirect
-//! the same tensors, which no host does; the fuzzer keeps at most one live engine per model.
+//! The two tiny ggml models are built once per process.
 
 #![no_main]
 
@@ -21,7 +27,7 @@ mod input;
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr::{null, null_mut};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use input::Input;
 use libfuzzer_sys::fuzz_target;
@@ -133,6 +139,32 @@ unsafe extern "C" fn log_sink(level: c_int, message: *const c_char, _user: *mut 
     if show() {
         eprintln!("  log [{level}]: {}", message.to_string_lossy());
     }
+    // A free armed by the input happens at the next message, on whatever thread logs it (the
+    // caller's, inside a call, or the copy thread). Recorded first: the state learns of it
+    // before the handle can be gone.
+    let armed = lock(&ARMED).take();
+    if let Some((ptr, kind)) = armed {
+        lock(&FREED_BY_CALLBACK).push((ptr, kind));
+        free_handle(ptr, kind);
+    }
+}
+
+/// A handle the log callback frees at its next message.
+static ARMED: Mutex<Option<(usize, Kind)>> = Mutex::new(None);
+/// Handles the log callback freed, for the state to learn at the next step.
+static FREED_BY_CALLBACK: Mutex<Vec<(usize, Kind)>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn free_handle(ptr: usize, kind: Kind) {
+    match kind {
+        Kind::Registry => offload_engine_registry_free(ptr as *mut RegistryHandle),
+        Kind::Plan => offload_engine_plan_free(ptr as *mut PlanHandle),
+        Kind::Engine => offload_engine_engine_free(ptr as *mut EngineHandle),
+        Kind::Pipeline => offload_engine_pipeline_free(ptr as *mut PipelineHandle),
+    }
 }
 
 /// FUZZ_ABI_LOG=1 traces every call, its status and the library's log (to replay one input).
@@ -197,6 +229,7 @@ enum Kind {
     Registry,
     Plan,
     Engine,
+    Pipeline,
 }
 
 struct Handle {
@@ -205,6 +238,13 @@ struct Handle {
     live: bool,
     /// Bit i: model i's tensors are (or may be) registered here.
     models: u8,
+    /// Model tensors surely registered here (registries) or held (engines): bit 8 * model +
+    /// the tensor's index.
+    tensors: u16,
+    /// Engines: the registry's layer count when the engine was made.
+    layers: u64,
+    /// Engines: the live pipeline they are a component of (0: none).
+    pipeline: usize,
 }
 
 /// Something non-NULL that was never a handle; the library must not dereference it.
@@ -213,34 +253,33 @@ static FOREIGN: [u64; 8] = [0; 8];
 #[derive(Default)]
 struct State {
     handles: Vec<Handle>,
-    /// Models with a live engine.
-    busy: u8,
+    /// Model tensors a live engine holds (bits as `Handle::tensors`).
+    busy: u16,
     /// Tensor ids seen in outputs, to query with later.
     ids: Vec<u64>,
 }
 
 impl State {
-    fn born(&mut self, ptr: usize, kind: Kind, models: u8) {
+    fn born(&mut self, ptr: usize, kind: Kind, models: u8, tensors: u16) {
         assert_ne!(ptr, 0, "a successful _new returned NULL");
+        let handle = Handle {
+            ptr,
+            kind,
+            live: true,
+            models,
+            tensors,
+            layers: 0,
+            pipeline: 0,
+        };
         // A freed address may come back for a new handle: it is live again.
         if let Some(h) = self.handles.iter_mut().find(|h| h.ptr == ptr) {
             assert!(!h.live, "a new handle at the address of a live one");
-            *h = Handle {
-                ptr,
-                kind,
-                live: true,
-                models,
-            };
+            *h = handle;
         } else {
-            self.handles.push(Handle {
-                ptr,
-                kind,
-                live: true,
-                models,
-            });
+            self.handles.push(handle);
         }
         if kind == Kind::Engine {
-            self.busy |= models;
+            self.busy |= tensors;
         }
     }
 
@@ -253,9 +292,29 @@ impl State {
         {
             h.live = false;
             if kind == Kind::Engine {
-                self.busy &= !h.models;
+                self.busy &= !h.tensors;
             }
         }
+        // A freed pipeline hands its engines back.
+        if kind == Kind::Pipeline {
+            for e in self.handles.iter_mut().filter(|e| e.pipeline == ptr) {
+                e.pipeline = 0;
+            }
+        }
+    }
+
+    /// What the log callback freed since the last step.
+    fn reconcile(&mut self) {
+        let freed: Vec<(usize, Kind)> = lock(&FREED_BY_CALLBACK).drain(..).collect();
+        for (ptr, kind) in freed {
+            self.freed(ptr, kind);
+        }
+    }
+
+    fn live_mut(&mut self, ptr: usize, kind: Kind) -> Option<&mut Handle> {
+        self.handles
+            .iter_mut()
+            .find(|h| h.ptr == ptr && h.kind == kind && h.live)
     }
 
     fn live(&self, ptr: usize, kind: Kind) -> Option<&Handle> {
@@ -416,7 +475,8 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
-    match input.u8() % 26 {
+    state.reconcile();
+    match input.u8() % 34 {
         0 => registry_new(input, state),
         1 => {
             let r = state.pick::<RegistryHandle>(input, Kind::Registry);
@@ -437,15 +497,25 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
                 "registry_add_context",
             );
             unchanged(rc, usize::MAX, count, "registry_add_context");
-            // A failed add may still have registered a prefix of the context.
-            mark_models(state, r, which);
+            if which < 2 {
+                let all = model_bits(models, which);
+                if state.busy & all != 0 {
+                    assert_ne!(rc, 0, "registered model {which}'s tensors while an engine holds them");
+                }
+                // A failed add may still have registered a prefix of the context.
+                mark_models(state, r, which, if rc == 0 { all } else { 0 });
+            }
         }
         3 => {
             let r = state.pick::<RegistryHandle>(input, Kind::Registry);
             let which = usize::from(input.u8() % 3);
-            let tensor = models.get(which).map_or(null_mut(), |m| {
-                m.tensors[usize::from(input.u8()) % m.tensors.len()]
-            });
+            let index = usize::from(input.u8());
+            let tensor = models
+                .get(which)
+                .map_or(null_mut(), |m| m.tensors[index % m.tensors.len()]);
+            let bit = models
+                .get(which)
+                .map_or(0u16, |m| 1 << (8 * which + index % m.tensors.len()));
             let name = text(input, &NAMES);
             let mut id = u64::MAX;
             let rc = check(
@@ -453,10 +523,15 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
                 "registry_add_tensor",
             );
             unchanged(rc, u64::MAX, id, "registry_add_tensor");
+            if state.busy & bit != 0 {
+                assert_ne!(rc, 0, "registered a tensor of model {which} while an engine holds it");
+            }
             if rc == 0 {
                 state.ids.push(id);
             }
-            mark_models(state, r, which);
+            if which < 2 {
+                mark_models(state, r, which, if rc == 0 { bit } else { 0 });
+            }
         }
         4 => {
             let r = state.pick::<RegistryHandle>(input, Kind::Registry);
@@ -602,7 +677,7 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
             let rc = check(offload_engine_plan_new(r, params_ptr, out), "plan_new");
             unchanged(rc, FOREIGN.as_ptr() as usize, plan as usize, "plan_new");
             if rc == 0 {
-                state.born(plan as usize, Kind::Plan, 0);
+                state.born(plan as usize, Kind::Plan, 0, 0);
                 check_new_plan(plan);
             }
         }
@@ -644,7 +719,7 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
                     "engine_prepare",
                 );
                 if rc == 0 {
-                    state.born(plan as usize, Kind::Plan, 0);
+                    state.born(plan as usize, Kind::Plan, 0, 0);
                     if show() {
                         eprintln!("  plan: {}", plan_message(plan));
                     }
@@ -719,19 +794,36 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
                 "debug_inject_fault",
             );
         }
+        26 => pipeline_new(input, state),
+        27 => {
+            let p = state.pick::<PipelineHandle>(input, Kind::Pipeline);
+            offload_engine_pipeline_free(p);
+            state.freed(p as usize, Kind::Pipeline);
+        }
+        28 => pipeline_add(input, state),
+        29 => pipeline_control(input, state),
+        30 => staged_pass(input, state, models),
+        31 => {
+            // The log callback frees this handle at its next message.
+            let kind = [Kind::Engine, Kind::Pipeline, Kind::Registry, Kind::Plan]
+                [usize::from(input.u8() % 4)];
+            let ptr = state.pick::<c_void>(input, kind) as usize;
+            *lock(&ARMED) = Some((ptr, kind));
+        }
+        32 => free_during_a_call(input, state, models),
         _ => whole_pass(input, state),
     }
 }
 
-fn mark_models(state: &mut State, r: *mut RegistryHandle, which: usize) {
-    if which < 2 {
-        if let Some(h) = state
-            .handles
-            .iter_mut()
-            .find(|h| h.ptr == r as usize && h.kind == Kind::Registry && h.live)
-        {
-            h.models |= 1 << which;
-        }
+/// All of model `which`'s tensors, as `Handle::tensors` bits.
+fn model_bits(models: &[Model; 2], which: usize) -> u16 {
+    ((1u16 << models[which].tensors.len()) - 1) << (8 * which)
+}
+
+fn mark_models(state: &mut State, r: *mut RegistryHandle, which: usize, sure: u16) {
+    if let Some(h) = state.live_mut(r as usize, Kind::Registry) {
+        h.models |= 1 << which;
+        h.tensors |= sure;
     }
 }
 
@@ -764,7 +856,7 @@ fn registry_new(input: &mut Input, state: &mut State) {
         "registry_new",
     );
     if rc == 0 {
-        state.born(registry as usize, Kind::Registry, 0);
+        state.born(registry as usize, Kind::Registry, 0, 0);
     }
 }
 
@@ -966,12 +1058,11 @@ fn plan_queries(input: &mut Input, state: &mut State) {
 
 fn engine_new(input: &mut Input, state: &mut State) {
     let r = state.pick::<RegistryHandle>(input, Kind::Registry);
-    let models = state
+    let (models, tensors) = state
         .live(r as usize, Kind::Registry)
-        .map_or(0, |h| h.models);
-    if models & state.busy != 0 {
-        return; // one live engine per model (see the module comment)
-    }
+        .map_or((0, 0), |h| (h.models, h.tensors));
+    let mut layers = 0usize;
+    offload_engine_registry_layer_count(r, &mut layers);
     let mut params = EngineParamsC::default();
     offload_engine_engine_params_init(&mut params);
     params.size = struct_size(input, std::mem::size_of::<EngineParamsC>());
@@ -981,7 +1072,7 @@ fn engine_new(input: &mut Input, state: &mut State) {
         _ => Some(CString::new("CPU").unwrap()),
     };
     params.device = ptr_of(&device);
-    params.compute_threads = [1, 1, 1, 0, -1, 2][usize::from(input.u8() % 6)];
+    params.compute_threads = [1, 1, 1, 0, -1, 2, 257, i32::MAX][usize::from(input.u8() % 8)];
     if input.bool() {
         params.budget_bytes = input.size();
         params.min_free_bytes = input.size();
@@ -1007,8 +1098,18 @@ fn engine_new(input: &mut Input, state: &mut State) {
     };
     let rc = check(offload_engine_engine_new(params_ptr, r, out), "engine_new");
     unchanged(rc, FOREIGN.as_ptr() as usize, engine as usize, "engine_new");
+    if tensors & state.busy != 0 {
+        assert_ne!(
+            rc, 0,
+            "a second live engine over model tensors (these {tensors:#b}, held {:#b})",
+            state.busy
+        );
+    }
     if rc == 0 {
-        state.born(engine as usize, Kind::Engine, models);
+        state.born(engine as usize, Kind::Engine, models, tensors);
+        if let Some(h) = state.live_mut(engine as usize, Kind::Engine) {
+            h.layers = layers as u64;
+        }
     }
 }
 
@@ -1139,19 +1240,410 @@ fn whole_pass(input: &mut Input, state: &mut State) {
     check(offload_engine_engine_pass_end(e), "engine_pass_end");
 }
 
+// ---------------------------------------------------------------------------------------
+// Pipelines
+// ---------------------------------------------------------------------------------------
+
+const COMPONENTS: [&[u8]; 4] = [b"cond", b"denoise", b"vae", b""];
+
+fn pipeline_new(input: &mut Input, state: &mut State) {
+    let mut params = PipelineParamsC::default();
+    offload_engine_pipeline_params_init(&mut params);
+    params.size = struct_size(input, std::mem::size_of::<PipelineParamsC>());
+    params.offload_mode = c_int::from(input.u8() % 7) - 1;
+    if input.bool() {
+        params.budget_bytes = input.size();
+        params.min_free_bytes = if input.bool() { 0 } else { input.size() };
+        params.margin_bytes = if input.bool() { 0 } else { input.size() };
+    } else {
+        params.budget_bytes = u64::from(input.u16()) << (input.u8() % 16);
+        params.min_free_bytes = 0;
+        params.margin_bytes = 0;
+    }
+    params.prefetch_depth = u32::from(input.u8() % 4);
+    params.steps = input.count();
+    params.passes_per_step = input.count();
+    params.reload_diffusion = c_int::from(input.bool());
+    params.log_moves = c_int::from(input.bool());
+    let params_ptr = if input.u8() % 8 == 0 {
+        null()
+    } else {
+        &params as *const PipelineParamsC
+    };
+    let mut pipeline: *mut PipelineHandle = FOREIGN.as_ptr() as *mut PipelineHandle;
+    let rc = check(
+        offload_engine_pipeline_new(params_ptr, &mut pipeline),
+        "pipeline_new",
+    );
+    unchanged(
+        rc,
+        FOREIGN.as_ptr() as usize,
+        pipeline as usize,
+        "pipeline_new",
+    );
+    if rc == 0 {
+        state.born(pipeline as usize, Kind::Pipeline, 0, 0);
+    }
+}
+
+fn pipeline_add(input: &mut Input, state: &mut State) {
+    let p = state.pick::<PipelineHandle>(input, Kind::Pipeline);
+    let e = state.pick::<EngineHandle>(input, Kind::Engine);
+    let name = text(input, &COMPONENTS);
+    let role = c_int::from(input.u8() % 8) - 1;
+    let rc = check(
+        offload_engine_pipeline_add(p, ptr_of(&name), role, e),
+        "pipeline_add",
+    );
+    let pipeline_live = state.live(p as usize, Kind::Pipeline).is_some();
+    let owner = state.live(e as usize, Kind::Engine).map(|h| h.pipeline);
+    if let Some(owner) = owner {
+        if owner != 0 && owner != p as usize && pipeline_live {
+            assert_ne!(rc, 0, "an engine joined a second live pipeline");
+        }
+    }
+    if rc == 0 {
+        if let Some(h) = state.live_mut(e as usize, Kind::Engine) {
+            h.pipeline = p as usize;
+        }
+    }
+}
+
+fn pipeline_control(input: &mut Input, state: &mut State) {
+    let p = state.pick::<PipelineHandle>(input, Kind::Pipeline);
+    let name = text(input, &COMPONENTS);
+    match input.u8() % 8 {
+        0 => {
+            check(offload_engine_pipeline_run_begin(p), "pipeline_run_begin");
+        }
+        1 => {
+            check(offload_engine_pipeline_run_end(p), "pipeline_run_end");
+        }
+        2 => {
+            check(
+                offload_engine_pipeline_stage_begin(p, ptr_of(&name)),
+                "pipeline_stage_begin",
+            );
+        }
+        3 => {
+            check(
+                offload_engine_pipeline_stage_end(p, ptr_of(&name)),
+                "pipeline_stage_end",
+            );
+        }
+        4 => {
+            let value = c_int::from(input.u8() % 5) - 1;
+            check(
+                offload_engine_pipeline_set_override(p, ptr_of(&name), value),
+                "pipeline_set_override",
+            );
+        }
+        5 => {
+            let bytes = input.size();
+            check(
+                offload_engine_pipeline_set_stage_need(p, ptr_of(&name), bytes),
+                "pipeline_set_stage_need",
+            );
+        }
+        6 => {
+            let mut info = ComponentInfoC::default();
+            info.size = struct_size(input, std::mem::size_of::<ComponentInfoC>());
+            let rc = check(
+                offload_engine_pipeline_component_info(p, ptr_of(&name), &mut info),
+                "pipeline_component_info",
+            );
+            if rc == 0 {
+                assert!(!info.name.is_null());
+                assert!((0..=2).contains(&info.placement));
+            }
+        }
+        _ => {
+            let mut stats = PipelineStatsC::default();
+            stats.size = struct_size(input, std::mem::size_of::<PipelineStatsC>());
+            check(
+                offload_engine_pipeline_get_stats(p, &mut stats),
+                "pipeline_get_stats",
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// run_pass with graph builders that misbehave
+// ---------------------------------------------------------------------------------------
+
+/// What a builder does to the library from inside the pass.
+#[derive(Debug, Clone, Copy)]
+enum Hostile {
+    Nothing,
+    FreeEngine(usize),
+    FreePipeline(usize),
+    PipelineRunBegin(usize),
+    EngineCall(usize),
+}
+
+/// The builders' state (the staged model's `user`).
+struct Staged {
+    width: i64,
+    /// Model tensors the layers read (the engine's own model), empty when it has none.
+    weights: Vec<*mut sys::ggml_tensor>,
+    input: *mut sys::ggml_tensor,
+    values: Vec<f32>,
+    /// The layer (or u64::MAX for the input stage) that returns a fresh tensor of `odd_type`.
+    odd_at: u64,
+    odd_type: u32,
+    scale_ops: usize,
+    hostile: Hostile,
+    hostile_at: u64,
+    /// Handles freed from inside the pass, for the state.
+    freed: Vec<(usize, Kind)>,
+}
+
+/// A fresh tensor of `ty` with `n` elements, when ggml can make one (else f32).
+///
+/// # Safety
+/// `ctx` is a valid context.
+unsafe fn fresh_tensor(ctx: *mut sys::ggml_context, ty: u32, n: i64) -> *mut sys::ggml_tensor {
+    // SAFETY: type queries accept any value below GGML_TYPE_COUNT.
+    let usable = ty < sys::GGML_TYPE_COUNT
+        && unsafe { sys::ggml_blck_size(ty) } > 0
+        && unsafe { sys::ggml_type_size(ty) } > 0
+        && n % unsafe { sys::ggml_blck_size(ty) } == 0;
+    let ty = if usable { ty } else { sys::GGML_TYPE_F32 };
+    // SAFETY: a valid context with room; the shape fits the type's blocks (checked above).
+    unsafe { sys::ggml_new_tensor_1d(ctx, ty, n) }
+}
+
+unsafe extern "C" fn staged_input(user: *mut c_void, ctx: *mut sys::ggml_context) -> *mut sys::ggml_tensor {
+    // SAFETY: `user` is the Staged the fuzzer passed for this pass.
+    let s = unsafe { &mut *(user as *mut Staged) };
+    if s.odd_at == u64::MAX {
+        // SAFETY: a valid builder context.
+        return unsafe { fresh_tensor(ctx, s.odd_type, s.width) };
+    }
+    // SAFETY: as above.
+    s.input = unsafe { sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F32, s.width, 1) };
+    s.input
+}
+
+unsafe extern "C" fn staged_set_inputs(user: *mut c_void) -> c_int {
+    // SAFETY: as in staged_input.
+    let s = unsafe { &mut *(user as *mut Staged) };
+    if !s.input.is_null() {
+        // SAFETY: the input tensor is allocated now and holds `width` f32 values.
+        unsafe {
+            sys::ggml_backend_tensor_set(
+                s.input,
+                s.values.as_ptr().cast(),
+                0,
+                s.values.len() * 4,
+            )
+        };
+    }
+    0
+}
+
+fn act_hostile(s: &mut Staged) {
+    match s.hostile {
+        Hostile::Nothing => {}
+        Hostile::FreeEngine(e) => {
+            s.freed.push((e, Kind::Engine));
+            offload_engine_engine_free(e as *mut EngineHandle);
+        }
+        Hostile::FreePipeline(p) => {
+            s.freed.push((p, Kind::Pipeline));
+            offload_engine_pipeline_free(p as *mut PipelineHandle);
+        }
+        Hostile::PipelineRunBegin(p) => {
+            check(
+                offload_engine_pipeline_run_begin(p as *mut PipelineHandle),
+                "pipeline_run_begin (in a pass)",
+            );
+        }
+        Hostile::EngineCall(e) => {
+            check(
+                offload_engine_engine_pass_begin(e as *mut EngineHandle),
+                "engine_pass_begin (in a pass)",
+            );
+        }
+    }
+    s.hostile = Hostile::Nothing;
+}
+
+unsafe extern "C" fn staged_layer(
+    user: *mut c_void,
+    ctx: *mut sys::ggml_context,
+    layer: u64,
+    x: *mut sys::ggml_tensor,
+) -> *mut sys::ggml_tensor {
+    // SAFETY: as in staged_input.
+    let s = unsafe { &mut *(user as *mut Staged) };
+    if layer == s.hostile_at {
+        act_hostile(s);
+    }
+    if layer == s.odd_at {
+        // SAFETY: a valid builder context.
+        return unsafe { fresh_tensor(ctx, s.odd_type, s.width) };
+    }
+    let mut y = x;
+    if !s.weights.is_empty() {
+        let w = s.weights[layer as usize % s.weights.len()];
+        // SAFETY: valid context; `w` is a live model tensor; x + 0 * sum(w) has x's shape.
+        y = unsafe {
+            let zero = sys::ggml_scale(ctx, sys::ggml_sum(ctx, w), 0.0);
+            sys::ggml_add(ctx, x, zero)
+        };
+    }
+    for _ in 0..s.scale_ops {
+        // SAFETY: as above; scaling by one is exact.
+        y = unsafe { sys::ggml_scale(ctx, y, 1.0) };
+    }
+    y
+}
+
+unsafe extern "C" fn staged_output(
+    _user: *mut c_void,
+    _ctx: *mut sys::ggml_context,
+    x: *mut sys::ggml_tensor,
+) -> *mut sys::ggml_tensor {
+    x
+}
+
+fn staged_pass(input: &mut Input, state: &mut State, models: &[Model; 2]) {
+    let e = state.pick::<EngineHandle>(input, Kind::Engine);
+    let (held, layers) = state
+        .live(e as usize, Kind::Engine)
+        .map_or((0, 0), |h| (h.tensors, h.layers));
+    // The layers read weights this engine surely holds, of one model (one width).
+    let model = (0..2).find(|&i| held & model_bits(models, i) != 0);
+    let width = model.map_or(16, |i| if i == 0 { 16 } else { 64 });
+    let weights = model.map_or_else(Vec::new, |i| {
+        let m = &models[i];
+        (0..m.tensors.len())
+            .filter(|t| held & (1 << (8 * i + t)) != 0)
+            .map(|t| m.tensors[t])
+            .collect()
+    });
+    let layer_count = match input.u8() % 8 {
+        0 => u64::from(input.u8() % 6),
+        _ => layers,
+    };
+    let odd = input.u8() % 4 == 0;
+    let odd_at = if !odd {
+        u64::MAX - 1
+    } else if input.bool() {
+        u64::MAX
+    } else {
+        u64::from(input.u8()) % layer_count.max(1)
+    };
+    let odd_type = u32::from(input.u8()) % (sys::GGML_TYPE_COUNT + 2);
+    // Mostly small graphs; sometimes big ones, up to the per-builder limit.
+    let scale_ops = match input.u8() % 16 {
+        0 => 12000,
+        1 => 30000,
+        2..=4 => usize::from(input.u8()) * 8,
+        _ => 0,
+    };
+    let hostile = match input.u8() % 8 {
+        0 => Hostile::FreeEngine(state.pick::<EngineHandle>(input, Kind::Engine) as usize),
+        1 => Hostile::FreePipeline(state.pick::<PipelineHandle>(input, Kind::Pipeline) as usize),
+        2 => Hostile::PipelineRunBegin(
+            state.pick::<PipelineHandle>(input, Kind::Pipeline) as usize,
+        ),
+        3 => Hostile::EngineCall(e as usize),
+        _ => Hostile::Nothing,
+    };
+    let hostile_at = u64::from(input.u8()) % layer_count.max(1);
+    let mut staged = Staged {
+        width,
+        weights,
+        input: null_mut(),
+        values: (0..width).map(|i| (i as f32 - 7.5) * 0.25).collect(),
+        odd_at,
+        odd_type,
+        scale_ops,
+        hostile,
+        hostile_at,
+        freed: Vec::new(),
+    };
+    let mut model_c = StagedModelC::default();
+    model_c.size = struct_size(input, std::mem::size_of::<StagedModelC>());
+    model_c.user = (&mut staged as *mut Staged).cast();
+    model_c.layer_count = layer_count;
+    model_c.activation_ne = match input.u8() % 16 {
+        0 => [i64::MAX, 2],
+        1 => [0, 1],
+        2 => [width, 2],
+        _ => [width, 1],
+    };
+    model_c.build_input = Some(staged_input);
+    model_c.set_inputs = Some(staged_set_inputs);
+    model_c.build_layer = Some(staged_layer);
+    model_c.build_output = Some(staged_output);
+    let mut output = vec![0f32; width as usize];
+    let mut size = usize::MAX;
+    let rc = check(
+        offload_engine_engine_run_pass(
+            e,
+            &model_c,
+            output.as_mut_ptr().cast(),
+            output.len() * 4,
+            &mut size,
+        ),
+        "engine_run_pass",
+    );
+    unchanged(rc, usize::MAX, size, "engine_run_pass");
+    let honest = !odd && model_c.activation_ne == [width, 1];
+    if rc == 0 && honest {
+        assert_eq!(size, output.len() * 4, "run_pass output size");
+        assert!(
+            output
+                .iter()
+                .zip(&staged.values)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "run_pass output differs from its input: {output:?} vs {:?}",
+            staged.values
+        );
+    }
+    for (ptr, kind) in staged.freed {
+        state.freed(ptr, kind);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A free from another thread while this one is in a call
+// ---------------------------------------------------------------------------------------
+
+fn free_during_a_call(input: &mut Input, state: &mut State, models: &[Model; 2]) {
+    let kind = [Kind::Engine, Kind::Pipeline, Kind::Registry][usize::from(input.u8() % 3)];
+    let target = state.pick::<c_void>(input, kind) as usize;
+    let delay_us = u64::from(input.u8()) * 4;
+    let freer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_micros(delay_us));
+        free_handle(target, kind);
+    });
+    // Whatever this thread does meanwhile: a pass, a prepare, a pipeline call.
+    match input.u8() % 3 {
+        0 => whole_pass(input, state),
+        1 => staged_pass(input, state, models),
+        _ => pipeline_control(input, state),
+    }
+    freer.join().expect("the freeing thread");
+    state.freed(target, kind);
+}
+
 /// Frees what is still alive, then checks nothing the input saw is live and the models are
 /// back in host memory, untouched.
 fn cleanup(state: &mut State, models: &[Model; 2]) {
     offload_engine_debug_clear_faults();
-    for kind in [Kind::Engine, Kind::Plan, Kind::Registry] {
+    *lock(&ARMED) = None;
+    state.reconcile();
+    for kind in [Kind::Pipeline, Kind::Engine, Kind::Plan, Kind::Registry] {
         for h in state.handles.iter().filter(|h| h.kind == kind && h.live) {
-            match kind {
-                Kind::Engine => offload_engine_engine_free(h.ptr as *mut EngineHandle),
-                Kind::Plan => offload_engine_plan_free(h.ptr as *mut PlanHandle),
-                Kind::Registry => offload_engine_registry_free(h.ptr as *mut RegistryHandle),
-            }
+            free_handle(h.ptr, kind);
         }
     }
+    state.reconcile();
     for h in &state.handles {
         let rc = match h.kind {
             Kind::Engine => offload_engine_engine_pass_begin(h.ptr as *mut EngineHandle),
@@ -1163,12 +1655,28 @@ fn cleanup(state: &mut State, models: &[Model; 2]) {
                 let mut n = 0;
                 offload_engine_registry_tensor_count(h.ptr as *mut RegistryHandle, &mut n)
             }
+            Kind::Pipeline => offload_engine_pipeline_run_end(h.ptr as *mut PipelineHandle),
         };
         assert_eq!(
             rc, ERR_INVALID_HANDLE,
             "{:?} {:#x} still live",
             h.kind, h.ptr
         );
+    }
+    // An engine freed from the copy thread's log callback is torn down on a thread of its
+    // own: give it a moment.
+    let home = |m: &Model| {
+        m.tensors
+            .iter()
+            .zip(&m.homes)
+            // SAFETY: model tensors live for the process.
+            .all(|(&t, &home)| unsafe { (*t).data } == home)
+    };
+    for _ in 0..2000 {
+        if models.iter().all(home) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     for (i, m) in models.iter().enumerate() {
         for (&t, &home) in m.tensors.iter().zip(&m.homes) {

@@ -1754,6 +1754,7 @@ struct staged_host {
     int scale_ops;  /* build_layer appends this many identity scales (big graphs) */
     int layer_type; /* build_layer returns a fresh tensor of this ggml type; -1: never */
     int input_type; /* build_input does the same; -1: never */
+    int f16_results; /* build_layer returns its result cast to f16 */
 };
 
 static struct ggml_tensor *stage_input(void *user, struct ggml_context *ctx)
@@ -1804,7 +1805,7 @@ static struct ggml_tensor *stage_layer(void *user, struct ggml_context *ctx, uin
         int i;
         for (i = 0; i < host->scale_ops; i++)
             y = ggml_scale(ctx, y, 1.0f); /* exact: the output stays bit-identical */
-        return y;
+        return host->f16_results ? ggml_cast(ctx, y, GGML_TYPE_F16) : y;
     }
 #else
     (void)ctx;

@@ -406,6 +406,25 @@ static void check_graph_sizes_and_builder_types(void)
     /* Still usable, and still right. */
     staged = staged_model(&host, &model);
     check_staged_pass(engine, &staged, &reference);
+
+    /* Layers that return f16: in one merged graph (all resident) each still gets an f32
+     * activation of the declared shape, as in graphs of their own (streamed), so the two
+     * runs agree bit for bit. */
+    {
+        float merged[MODEL_DIM], separate[MODEL_DIM];
+        size_t size = 0;
+        offload_engine_engine *streaming;
+        staged = staged_model(&host, &model);
+        host.f16_results = 1;
+        CHECK_OK(offload_engine_engine_run_pass(engine, &staged, merged, sizeof merged, &size));
+        offload_engine_engine_free(engine);
+        streaming = cpu_engine(registry, 3 * MODEL_WEIGHT_BYTES, 0);
+        prepare(streaming, streamed, &summary);
+        CHECK(summary.mode == OFFLOAD_ENGINE_MODE_STREAMING && summary.streamed_layer_count >= 1);
+        CHECK_OK(offload_engine_engine_run_pass(streaming, &staged, separate, sizeof separate, &size));
+        CHECK(memcmp(merged, separate, sizeof merged) == 0);
+        engine = streaming;
+    }
     offload_engine_engine_free(engine);
     check_all_home(&model);
     offload_engine_registry_free(registry);
