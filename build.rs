@@ -35,6 +35,11 @@ fn main() {
         include_dir.display()
     );
     generate_bindings(&include_dir);
+    // A SONAME, so that hosts linking the shared library record its name, not the path it
+    // was linked from, and find it through their rpath or the loader's search path.
+    if env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux") {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,liboffload_engine.so");
+    }
 }
 
 fn fail(message: &str) -> ! {

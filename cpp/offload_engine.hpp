@@ -98,6 +98,14 @@ struct Deleter {
 
 inline std::string_view version() { return offload_engine_version(); }
 
+// Bytes in a size as every offload-engine tool reads it: "12GB" is 12e9, "12GiB" 12 * 2^30,
+// a bare number is bytes (see offload_engine_size_parse).
+inline Result<uint64_t> parse_size(const std::string &text) {
+    uint64_t bytes = 0;
+    if (int s = offload_engine_size_parse(text.c_str(), &bytes)) return detail::error_from(s);
+    return bytes;
+}
+
 struct LayerInfo {
     std::string name;
     std::string component;

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Plans a model at a range of device memory sizes and shows what streaming costs: bytes
-moved over the link per step against VRAM, and where the plan switches from streaming to
-fully resident. Plots with matplotlib when it is installed; prints a table either way.
+moved over the link per step against free VRAM, where the plan switches from streaming to
+fully resident, and below what nothing fits. Plots with matplotlib when it is installed
+(`pip install matplotlib`); prints the table either way.
 
-    python3 examples/plan_sweep.py [MODEL.gguf] [--steps 20] [--passes-per-step 2] [--plot out.png]
+    python3 examples/plan_sweep.py [MODEL.gguf] [--steps 20] [--passes-per-step 2]
+                                   [--min-free 512MiB] [--points 24] [--plot out.png]
 
-Without a model file, a Flux-like model (19 double blocks of 340 MiB, 38 single blocks of
-170 MiB, 1 GiB global) is described to the registry without any weights.
+The sweep follows the model's size: from just below the smallest streaming footprint (the
+global group and one slot of the largest layer, plus what is kept free) to past the fully
+resident one. Without a model file, a Flux-like model (19 double blocks of 340 MiB, 38 single
+blocks of 170 MiB, 1 GiB global) is described to the registry without any weights.
 """
 import argparse
 import os
@@ -37,26 +41,36 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--passes-per-step", type=int, default=2)
     parser.add_argument("--link", default="pcie4-x16")
+    parser.add_argument("--min-free", default="512MiB",
+                        help="device memory kept free (a size, as the command line reads it)")
+    parser.add_argument("--points", type=int, default=24, help="memory sizes to plan for")
     parser.add_argument("--plot", help="write the plot to this PNG (needs matplotlib)")
     args = parser.parse_args()
 
     registry = oe.Registry.from_gguf(args.model) if args.model else described_flux()
     total = registry.total_bytes
-    print(f"{registry.architecture}: {registry.layer_count} layers, {total / GIB:.2f} GiB")
+    keep_free = oe.parse_size(args.min_free)
+    safety = 0.90  # the library's default fraction of free memory a plan may use
+    largest = max(layer.bytes for layer in registry.layers)
+    # From a little below the smallest streaming footprint to past the fully resident one.
+    low = (registry.global_bytes + largest) / safety + keep_free
+    high = total / safety + keep_free
+    start, stop = 0.8 * low, 1.15 * high
+    sizes = [start + (stop - start) * i / (args.points - 1) for i in range(args.points)]
+    print(f"{registry.architecture}: {registry.layer_count} layers, {total / GIB:.2f} GiB; "
+          f"{args.min_free} kept free")
     print(f"{'VRAM GiB':>9} {'mode':>12} {'resident':>9} {'GiB/step':>9} {'s/step':>8}")
     rows = []
-    vram = 0.5
-    while vram <= total / GIB * 1.3 + 1:
+    for vram in sizes:
         try:
-            p = oe.plan(registry, int(vram * GIB), steps=args.steps,
+            p = oe.plan(registry, int(vram), steps=args.steps, min_free_bytes=keep_free,
                         passes_per_step=args.passes_per_step, link=args.link)
-            resident = sum(p["resident_layers"])
-            rows.append((vram, p["bytes_per_step"] / GIB, p["predicted_step_seconds"]))
-            print(f"{vram:9.1f} {p['mode']:>12} {resident:9d} {p['bytes_per_step'] / GIB:9.2f} "
-                  f"{p['predicted_step_seconds']:8.3f}")
+            rows.append((vram / GIB, p["mode"], p["bytes_per_step"] / GIB, p["predicted_step_seconds"]))
+            print(f"{vram / GIB:9.2f} {p['mode']:>12} {len(p['resident_layers']):9d} "
+                  f"{p['bytes_per_step'] / GIB:9.2f} {p['predicted_step_seconds']:8.3f}")
         except oe.OffloadError as error:
-            print(f"{vram:9.1f} {'insufficient':>12}   ({error.message.split(';')[0]})")
-        vram += 0.5
+            rows.append((vram / GIB, "insufficient", 0.0, 0.0))
+            print(f"{vram / GIB:9.2f} {'insufficient':>12}   ({error.message.split(';')[0]})")
 
     if args.plot:
         try:
@@ -64,15 +78,31 @@ def main():
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            print("matplotlib is not installed: table only")
+            print("matplotlib is not installed (pip install matplotlib): table only, no plot")
             return 0
-        xs, moved, seconds = zip(*rows)
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(xs, moved, marker="o")
-        ax.set_xlabel("free device memory (GiB)")
-        ax.set_ylabel("bytes moved per step (GiB)")
-        ax.set_title(f"{registry.architecture}: streaming traffic vs VRAM ({args.link})")
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        planned = [r for r in rows if r[1] != "insufficient"]
+        refused = [r for r in rows if r[1] == "insufficient"]
+        if planned:
+            ax.plot([r[0] for r in planned], [r[2] for r in planned], marker="o", label="streaming / full")
+        if refused:
+            ax.scatter([r[0] for r in refused], [0] * len(refused), marker="x", color="tab:red",
+                       label="insufficient: nothing fits", zorder=3)
+            # Shade up to halfway to the first size that fits.
+            last_refused = max(r[0] for r in refused)
+            fits = [r[0] for r in planned if r[0] > last_refused]
+            edge = (last_refused + min(fits)) / 2 if fits else stop / GIB
+            ax.axvspan(start / GIB, edge, color="tab:red", alpha=0.08)
+        full = [r[0] for r in rows if r[1] == "full"]
+        if full:
+            ax.axvline(min(full), linestyle="--", color="tab:green",
+                       label=f"fully resident from {min(full):.2f} GiB")
+        ax.set_xlabel(f"free device memory (GiB; {args.min_free} kept free)")
+        ax.set_ylabel("streamed per step (GiB)")
+        name = os.path.basename(args.model) if args.model else "Flux-like model"
+        ax.set_title(f"{name}: streaming traffic vs VRAM ({args.link})")
         ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper right")
         fig.tight_layout()
         fig.savefig(args.plot)
         print(f"plot written to {args.plot}")

@@ -12,7 +12,9 @@ closes every layer in order, so the figures are those of pure streaming (--compu
 a sleep in each layer to stand in for compute, which the copies can then overlap).
 
 The CPU device reports system RAM as its free memory, so the budgets are given explicitly
-(a percentage of the model's size, or bytes with a K/M/G suffix).
+(a percentage of the model's size, or a size as the command line reads it: 64MiB, 1.5GB).
+The plot (`pip install matplotlib`; without it the table alone) marks the budgets where
+nothing fits and where the model is fully resident.
 """
 import argparse
 import os
@@ -60,11 +62,7 @@ def parse_budget(text, model_bytes):
     text = text.strip()
     if text.endswith("%"):
         return int(model_bytes * float(text[:-1]) / 100)
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    suffix = text[-1:].upper()
-    if suffix in units:
-        return int(float(text[:-1]) * units[suffix])
-    return int(text)
+    return oe.parse_size(text)
 
 
 def mib(value):
@@ -100,6 +98,7 @@ def measure(registry, budget, args):
                 raise
             return {"budget": budget, "mode": "insufficient", "message": error.message}
         compute = simulated_compute(args.compute_ms)
+        placement = engine.stats().placement_bytes  # copied once, by prepare
         # The first pass after prepare starts from freshly placed slots; measure the
         # steady state after it.
         engine.run_pass(compute)
@@ -109,18 +108,17 @@ def measure(registry, budget, args):
         elapsed = time.perf_counter() - started
         stats = engine.stats()
         passes = max(stats.passes, 1)
-        # Loads are counted when a layer opens, copies when they finish: a copy started
-        # for the pass after the last one can land in bytes_copied, so the bytes of the
-        # layers loaded are given as well.
-        loaded = sum(engine.layer_stats(layer).bytes for layer in range(engine.layer_count))
+        # The streamed bytes are the loads the passes used; what was copied ahead for a
+        # pass that never came is counted apart (prefetch_unused_bytes).
         return {
             "budget": budget,
             "mode": plan["mode"],
             "resident": plan["resident_layer_count"],
             "streamed": plan["streamed_layer_count"],
             "planned_bytes_per_pass": plan["bytes_per_pass"],
-            "bytes_per_pass": stats.bytes_copied / passes,
-            "loaded_per_pass": loaded / passes,
+            "placement": placement,
+            "bytes_per_pass": stats.streamed_bytes / passes,
+            "unused": stats.prefetch_unused_bytes,
             "loads_per_pass": stats.layer_loads / passes,
             "copy_us_per_pass": stats.copy_us / passes,
             "wait_us_per_pass": stats.wait_us / passes,
@@ -132,10 +130,10 @@ def measure(registry, budget, args):
 
 
 def print_table(rows):
-    """One row per budget; every figure but the arena is per pass."""
+    """One row per budget; streamed bytes, loads and times are per pass."""
     print(
-        f"{'budget MiB':>10} {'mode':>12} {'res/str':>7} {'arena MiB':>9} {'copied MiB':>10} "
-        f"{'loaded MiB':>10} {'loads':>6} {'copy us':>9} {'wait us':>9} {'ms':>8}"
+        f"{'budget MiB':>10} {'mode':>12} {'res/str':>7} {'arena MiB':>9} {'placed MiB':>10} "
+        f"{'streamed':>9} {'planned':>9} {'unused':>7} {'loads':>6} {'copy us':>9} {'wait us':>9} {'ms':>8}"
     )
     for row in rows:
         if row["mode"] == "insufficient":
@@ -144,8 +142,8 @@ def print_table(rows):
             continue
         print(
             f"{mib(row['budget']):10.1f} {row['mode']:>12} {row['resident']:>3}/{row['streamed']:<3} "
-            f"{mib(row['arena']):9.1f} {mib(row['bytes_per_pass']):10.2f} {mib(row['loaded_per_pass']):10.2f} "
-            f"{row['loads_per_pass']:6.1f} "
+            f"{mib(row['arena']):9.1f} {mib(row['placement']):10.2f} {mib(row['bytes_per_pass']):9.2f} "
+            f"{mib(row['planned_bytes_per_pass']):9.2f} {mib(row['unused']):7.2f} {row['loads_per_pass']:6.1f} "
             f"{row['copy_us_per_pass']:9.0f} {row['wait_us_per_pass']:9.0f} {row['ms_per_pass']:8.2f}"
         )
 
@@ -157,24 +155,31 @@ def plot(rows, path, title):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: table only")
+        print("matplotlib is not installed (pip install matplotlib): table only, no plot")
         return
     measured = [row for row in rows if row["mode"] != "insufficient"]
     if not measured:
         print("nothing fits any budget: no plot")
         return
     budgets = [mib(row["budget"]) for row in measured]
-    fig, (moved, timing) = plt.subplots(1, 2, figsize=(11, 4))
-    moved.plot(budgets, [mib(row["bytes_per_pass"]) for row in measured], marker="o", label="copied")
-    moved.plot(budgets, [mib(row["loaded_per_pass"]) for row in measured], marker="x", label="loaded")
+    refused = [mib(row["budget"]) for row in rows if row["mode"] == "insufficient"]
+    full = [mib(row["budget"]) for row in measured if row["mode"] == "full"]
+    fig, (moved, timing) = plt.subplots(1, 2, figsize=(11, 4.2))
+    moved.plot(budgets, [mib(row["bytes_per_pass"]) for row in measured], marker="o", label="streamed")
     moved.plot(
         budgets,
         [mib(row["planned_bytes_per_pass"]) for row in measured],
         linestyle="--",
         label="planned",
     )
+    for axis in (moved, timing):
+        if refused:
+            axis.axvspan(min(refused + budgets), (max(refused) + min(budgets)) / 2, color="tab:red",
+                         alpha=0.1, label="insufficient: nothing fits")
+        if full:
+            axis.axvline(min(full), linestyle=":", color="tab:green", label="fully resident")
     moved.set_xlabel("budget (MiB)")
-    moved.set_ylabel("bytes moved per pass (MiB)")
+    moved.set_ylabel("streamed per pass (MiB)")
     moved.legend()
     moved.grid(True, alpha=0.3)
     timing.plot(budgets, [row["copy_us_per_pass"] / 1000 for row in measured], marker="o", label="copy")

@@ -96,6 +96,14 @@ typedef void (*offload_engine_log_fn)(int level, const char *message, void *user
  * RUST_LOG environment variable, e.g. RUST_LOG=offload_engine=debug). */
 int offload_engine_log_set_callback(offload_engine_log_fn callback, void *user);
 
+/* Parses a memory size as people write it, the way every offload-engine tool does: a number
+ * with an optional unit, decimal units as powers of ten (K/KB, M/MB, G/GB, T/TB) and binary
+ * ones as powers of two (KiB, MiB, GiB, TiB), case-insensitive; a bare number is bytes.
+ * "12GB" is 12e9 bytes, "12GiB" 12 * 2^30. A bare number below 1 MiB is accepted and a
+ * warning is logged (it almost certainly lacks its unit). Anything else, or a positive number
+ * that rounds to 0 bytes, is ERR_INVALID_ARGUMENT. */
+int offload_engine_size_parse(const char *text, uint64_t *bytes_out);
+
 /* Test hook: makes the `countdown`-th check of a fault point fail once.
  * fault: 0 device allocation, 1 layer copy, 2 panic in the copy thread, 3 file read. */
 int offload_engine_debug_inject_fault(int fault, uint32_t countdown);
@@ -245,10 +253,15 @@ typedef struct offload_engine_plan_summary {
     uint64_t full_cache_bytes;
     uint64_t streaming_bytes;
     uint64_t layer_bytes_max;
+    /* Bytes copied to the device, as the engine's stats count them (offload_engine_stats):
+     * placement_bytes once when the engine is placed (the global group and the resident
+     * layers), then bytes_per_pass of streamed layers every pass; bytes_per_step is
+     * passes_per_step of those, and bytes_per_run the placement plus every pass of the run. */
     uint64_t bytes_per_pass;
     uint64_t bytes_per_step;
     uint64_t bytes_per_run;
     double predicted_step_seconds;
+    uint64_t placement_bytes;
 } offload_engine_plan_summary;
 
 void offload_engine_plan_params_init(offload_engine_plan_params *params);
@@ -289,8 +302,8 @@ typedef struct offload_engine_engine_params {
 typedef struct offload_engine_stats {
     size_t size; /* set to sizeof(offload_engine_stats) before the call */
     uint64_t passes;
-    uint64_t layer_loads;
-    uint64_t bytes_copied;
+    uint64_t layer_loads;     /* streamed layer loads used by layer_begin */
+    uint64_t bytes_copied;    /* all of it: placement + streamed + prefetch_unused */
     uint64_t copy_us;
     uint64_t wait_us;
     uint64_t compute_us;
@@ -298,6 +311,11 @@ typedef struct offload_engine_stats {
     uint64_t prefetch_misses;
     uint64_t arena_bytes;
     uint64_t arena_peak_bytes;
+    uint64_t placement_bytes;       /* copied once when placed: global group + resident layers */
+    uint64_t streamed_bytes;        /* copied for the loads layer_begin used; the plan's
+                                     * bytes_per_pass times the passes, for in-order passes */
+    uint64_t prefetch_unused_bytes; /* copied ahead but not used (yet): the next pass's first
+                                     * layers after the last pass, or prefetches taken back */
 } offload_engine_stats;
 
 typedef struct offload_engine_layer_stats {

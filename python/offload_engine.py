@@ -142,6 +142,7 @@ class _PlanSummary(ctypes.Structure):
         ("bytes_per_step", ctypes.c_uint64),
         ("bytes_per_run", ctypes.c_uint64),
         ("predicted_step_seconds", ctypes.c_double),
+        ("placement_bytes", ctypes.c_uint64),
     ]
 
 
@@ -172,6 +173,9 @@ class _Stats(ctypes.Structure):
         ("prefetch_misses", ctypes.c_uint64),
         ("arena_bytes", ctypes.c_uint64),
         ("arena_peak_bytes", ctypes.c_uint64),
+        ("placement_bytes", ctypes.c_uint64),
+        ("streamed_bytes", ctypes.c_uint64),
+        ("prefetch_unused_bytes", ctypes.c_uint64),
     ]
 
 
@@ -291,6 +295,7 @@ def _signatures():
         "offload_engine_version": (text, []),
         "offload_engine_status_str": (text, [c_int]),
         "offload_engine_last_error": (text, []),
+        "offload_engine_size_parse": (c_int, [text, P(u64)]),
         "offload_engine_registry_params_init": (None, [P(_RegistryParams)]),
         "offload_engine_registry_new": (c_int, [P(_RegistryParams), P(handle)]),
         "offload_engine_registry_free": (None, [handle]),
@@ -405,6 +410,14 @@ def version():
 def status_str(status):
     """Short description of a status code."""
     return _text(_library().offload_engine_status_str(status))
+
+
+def parse_size(text):
+    """Bytes in a size written the way every offload-engine tool reads it: "12GB" is 12e9,
+    "12GiB" 12 * 2**30, a bare number is bytes. Raises OffloadError for anything else."""
+    value = ctypes.c_uint64()
+    _check(_library().offload_engine_size_parse(_encode(text), ctypes.byref(value)))
+    return value.value
 
 
 class _Handle:
@@ -649,10 +662,12 @@ def _summarize(handle):
     summary["mode"] = PLAN_MODES.get(raw.mode, str(raw.mode))
     layer_count = raw.resident_layer_count + raw.streamed_layer_count
     resident = ctypes.c_int()
+    # Layer indices, as the command line's JSON gives them.
     summary["resident_layers"] = []
+    summary["streamed_layers"] = []
     for layer in range(layer_count):
         _check(lib.offload_engine_plan_layer_resident(handle, layer, ctypes.byref(resident)))
-        summary["resident_layers"].append(bool(resident.value))
+        summary["resident_layers" if resident.value else "streamed_layers"].append(layer)
     summary["message"] = _text(lib.offload_engine_plan_message(handle))
     return summary
 
@@ -667,7 +682,7 @@ def _take_plan(handle):
 
 def plan(
     registry,
-    free_bytes,
+    free_bytes=None,
     steps=1,
     passes_per_step=1,
     prefetch=1,
@@ -675,21 +690,31 @@ def plan(
     min_free_bytes=None,
     safety_fraction=None,
     compute_reserve_bytes=0,
+    persistent_bytes=0,
+    budget_bytes=None,
 ):
-    """Plans `registry` against a simulated device with `free_bytes` free. Returns the plan
-    summary as a dict (mode as "full"/"streaming", byte counts, slots, predicted step time),
-    plus "resident_layers" (a bool per layer) and "message". An impossible budget raises
-    OffloadError with status ERR_INSUFFICIENT_MEMORY and the engine's explanation.
-    `min_free_bytes` and `safety_fraction` default to the library's margins."""
+    """Plans `registry` against a simulated device, with the knobs `offload-engine plan` has:
+    `free_bytes` of free device memory (less `min_free_bytes` and `safety_fraction`, which
+    default to the library's margins), or exactly `budget_bytes` (an engine's budget_bytes: no
+    margin), less `compute_reserve_bytes` and `persistent_bytes` (KV cache) either way.
+
+    Returns the plan summary as a dict (mode as "full"/"streaming", byte counts, slots,
+    predicted step time), plus "resident_layers" and "streamed_layers" (layer indices, as in
+    the command line's JSON) and "message". An impossible budget raises OffloadError with
+    status ERR_INSUFFICIENT_MEMORY and the engine's explanation."""
+    if (free_bytes is None) == (budget_bytes is None):
+        raise ValueError("give free_bytes or budget_bytes (one of them)")
+    exact = budget_bytes is not None
     params = _plan_params(
-        free_bytes,
+        budget_bytes if exact else free_bytes,
         steps=steps,
         passes_per_step=passes_per_step,
         prefetch=prefetch,
         link=link,
-        min_free_bytes=min_free_bytes,
-        safety_fraction=safety_fraction,
+        min_free_bytes=0 if exact else min_free_bytes,
+        safety_fraction=1.0 if exact else safety_fraction,
         compute_reserve_bytes=compute_reserve_bytes,
+        persistent_bytes=persistent_bytes,
     )
     handle = ctypes.c_void_p()
     _check(_library().offload_engine_plan_new(registry.handle, ctypes.byref(params), ctypes.byref(handle)))
@@ -728,6 +753,9 @@ class Stats(_Record):
     prefetch_misses: int
     arena_bytes: int
     arena_peak_bytes: int
+    placement_bytes: int
+    streamed_bytes: int
+    prefetch_unused_bytes: int
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,7 @@ use crate::error::{Error, Result, Status};
 use crate::faults::{self, Fault};
 use crate::gguf::FileStamp;
 
-/// Alignment of offsets, lengths and buffers for direct I/O (covers 512 B and 4 KiB sectors).
-pub const DIRECT_ALIGNMENT: u64 = 4096;
+pub use crate::layout::DIRECT_ALIGNMENT;
 
 struct OpenFile {
     path: PathBuf,

@@ -9,15 +9,12 @@ use std::time::Instant;
 use crate::backend::{Backend, Buffer, Device};
 use crate::error::{Error, Result, Status};
 use crate::ggml as sys;
-use crate::planner::{self, Budget, LayerCost, Link, ModelCost, Plan, Workload};
+use crate::planner::{self, Budget, Link, ModelCost, Plan, Workload};
 use crate::registry::{Location, Registry, Source, TensorClaim, TensorId};
 use crate::stream::{
     layout_file_layer, layout_layer, LayerImage, StreamConfig, StreamStats, Streamer, TensorPlace,
     TensorSource,
 };
-
-/// Alignment of tensors inside layer images; a multiple of every ggml backend's alignment.
-const IMAGE_ALIGNMENT: u64 = 256;
 
 /// Most compute threads an engine asks its backend for. ggml aborts when it cannot start the
 /// threads it was told to use, so the number is bounded before it gets there.
@@ -71,6 +68,8 @@ pub struct Engine {
     measured: Option<Measured>,
     profile: bool,
     pass_started: Option<Instant>,
+    /// The counters at the end of the last profiled pass (per-pass figures are differences).
+    profile_mark: Option<StreamStats>,
     /// The timeline of every placement (recording only with `params.trace`).
     trace: crate::trace::Trace,
     /// The counters of the last placement, kept when the engine leaves the device.
@@ -143,6 +142,7 @@ impl Engine {
             reserve_bytes: 0,
             measured: None,
             pass_started: None,
+            profile_mark: None,
             released_stats: None,
             claim,
             trace,
@@ -183,16 +183,21 @@ impl Engine {
     /// the arena's alignment, plus the slack a file-backed arena keeps for direct-I/O alignment:
     /// exactly the arena `prepare` allocates when everything fits.
     pub fn resident_bytes(&mut self) -> Result<u64> {
+        let model = self.model_cost()?;
+        let places = model.layers.iter().map(|l| l.bytes).sum::<u64>() + model.global_bytes;
+        Ok(places.max(crate::layout::IMAGE_ALIGNMENT))
+    }
+
+    /// The model as the planner sees it, from the images this engine would place.
+    fn model_cost(&mut self) -> Result<ModelCost> {
         let (images, global) = self.layer_images()?;
-        let aligned = |bytes: u64| crate::stream::align_up(bytes, IMAGE_ALIGNMENT);
-        let io_slack = if images.iter().any(|i| i.file_span.is_some()) {
-            crate::diskio::DIRECT_ALIGNMENT - 1
-        } else {
-            0
-        };
-        let places = images.iter().map(|i| aligned(i.image_bytes)).sum::<u64>()
-            + aligned(global.image_bytes);
-        Ok(places.max(IMAGE_ALIGNMENT) + io_slack)
+        let layouts: Vec<(String, crate::layout::ImageLayout)> = images
+            .iter()
+            .map(|i| (i.name.clone(), i.layout()))
+            .collect();
+        let named: Vec<(&str, &crate::layout::ImageLayout)> =
+            layouts.iter().map(|(n, l)| (n.as_str(), l)).collect();
+        Ok(crate::layout::model_cost(&named, &global.layout()))
     }
 
     /// Device bytes the engine holds now (its arena), 0 when it is not placed.
@@ -374,13 +379,9 @@ impl Engine {
         let global = self.registry.global_tensors().to_vec();
         let mut images = Vec::with_capacity(layers.len());
         for layer in &layers {
-            images.push(layout_file_layer(
-                &layer.name,
-                self.places(&layer.tensors)?,
-                IMAGE_ALIGNMENT,
-            ));
+            images.push(layout_file_layer(&layer.name, self.places(&layer.tensors)?));
         }
-        let global_image = layout_layer("global", self.places(&global)?, IMAGE_ALIGNMENT);
+        let global_image = layout_layer("global", self.places(&global)?);
         Ok((images, global_image))
     }
 
@@ -457,19 +458,7 @@ impl Engine {
         self.streamer = None;
         self.plan = None;
         let (images, global_image) = self.layer_images()?;
-        let model = ModelCost {
-            layers: images
-                .iter()
-                .map(|img| LayerCost {
-                    name: img.name.clone(),
-                    bytes: img.image_bytes,
-                    once_bytes: 0,
-                    compute_seconds: None,
-                })
-                .collect(),
-            global_bytes: global_image.image_bytes,
-        };
-        let mut model = model;
+        let mut model = self.model_cost()?;
         let mut link = link.clone();
         if let Some(measured) = &self.measured {
             if measured.layer_compute_seconds.len() == model.layers.len() {
@@ -496,10 +485,7 @@ impl Engine {
             // The plan may have shrunk the ring to fit; prefetch as deep as the slots allow.
             let config = StreamConfig {
                 staging,
-                prefetch_depth: plan
-                    .slot_count
-                    .saturating_sub(1)
-                    .min(workload.prefetch_depth),
+                prefetch_depth: plan.prefetch_depth(workload.prefetch_depth),
                 trace: self.trace.clone(),
             };
             match Streamer::new(
@@ -526,7 +512,18 @@ impl Engine {
                         };
                         self.registry.set_layer_location(layer, location)?;
                     }
+                    log::debug!(
+                        "placed on {}: arena {} ({} resident, {} of {}), {} copied; {}",
+                        self.device.name,
+                        crate::units::format_bytes(streamer.arena_bytes()),
+                        plan.resident_layers.len(),
+                        plan.slot_count,
+                        crate::units::format_bytes(plan.slot_bytes),
+                        crate::units::format_bytes(streamer.stats().placement_bytes),
+                        plan.message
+                    );
                     self.streamer = Some(streamer);
+                    self.profile_mark = None;
                     self.plan = Some(plan);
                     return Ok(self.plan.as_ref().expect("just set"));
                 }
@@ -647,16 +644,19 @@ impl Engine {
         self.streamer()?.end_pass()?;
         if self.profile {
             let elapsed = self.pass_started.map(|t| t.elapsed()).unwrap_or_default();
-            let stats = self.streamer()?.stats();
+            let now = self.streamer()?.stats();
+            // This pass's figures: the counters minus where they stood when it began.
+            let before = self.profile_mark.replace(now.clone()).unwrap_or_default();
+            let d = |a: u64, b: u64| a.saturating_sub(b);
             eprintln!(
-                "offload-engine: pass {} {:.2} ms, loads {}, copied {}, wait {} us, copy {} us, compute {} us",
-                stats.passes,
+                "offload-engine: pass {} {:.2} ms: {} loads, {} streamed, wait {} us, copy {} us, compute {} us",
+                now.passes,
                 elapsed.as_secs_f64() * 1e3,
-                stats.layer_loads,
-                crate::units::format_bytes(stats.bytes_copied),
-                stats.wait_us,
-                stats.copy_us,
-                stats.compute_us
+                d(now.layer_loads, before.layer_loads),
+                crate::units::format_bytes(d(now.streamed_bytes, before.streamed_bytes)),
+                d(now.wait_us, before.wait_us),
+                d(now.copy_us, before.copy_us),
+                d(now.compute_us, before.compute_us)
             );
         }
         Ok(())
@@ -699,6 +699,7 @@ impl Engine {
 
     pub fn reset_stats(&mut self) -> Result<()> {
         self.streamer()?.reset_stats();
+        self.profile_mark = None;
         Ok(())
     }
 

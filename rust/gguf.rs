@@ -94,6 +94,11 @@ pub mod ggml_type {
     pub const Q2_0: u32 = 42;
 }
 
+/// The ggml type's name ("q4_k", "f32"), or "?" for an unknown one.
+pub fn type_name(ggml_type: u32) -> &'static str {
+    type_traits(ggml_type).map_or("?", |(name, _, _)| name)
+}
+
 /// Name, block size in elements and bytes per block of a ggml type, from ggml's type_traits
 /// (ggml.c) and block structs (ggml-common.h) of the ggml this crate pins. Ids ggml removed
 /// (4, 5, 31-33, 36-38) are unknown here, as they are to ggml's own GGUF reader.

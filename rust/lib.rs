@@ -9,6 +9,7 @@ pub mod faults;
 pub mod ffi;
 pub mod ggml;
 pub mod gguf;
+pub mod layout;
 pub mod log;
 pub mod patterns;
 pub mod pipeline;

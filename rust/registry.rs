@@ -596,22 +596,53 @@ impl Registry {
         Ok(self.tensors.len() - before)
     }
 
-    /// The layers' sizes in execution order and the global bytes, as the planner sees them.
-    pub fn model_cost(&mut self) -> crate::planner::ModelCost {
-        let global_bytes = self.global_bytes();
-        crate::planner::ModelCost {
-            layers: self
-                .layers()
-                .iter()
-                .map(|l| crate::planner::LayerCost {
-                    name: l.name.clone(),
-                    bytes: l.bytes,
-                    once_bytes: 0,
-                    compute_seconds: None,
-                })
-                .collect(),
-            global_bytes,
-        }
+    /// The model as the planner sees it: each layer's device image and the bytes a load of it
+    /// moves, laid out exactly as an engine lays them out (`layout`), so a plan made here is
+    /// the plan an engine makes for the same tensors and budget. Tensors that stream from a
+    /// file (the disk tier) keep the file's layout; so do tensors described by a GGUF file
+    /// (`add_gguf`) when `streams_from_file`, else they are planned as loaded into memory.
+    pub fn model_cost(&mut self, streams_from_file: bool) -> crate::planner::ModelCost {
+        use crate::layout::{self, Extent};
+        self.finalize();
+        let extent = |id: &TensorId| {
+            let t = &self.tensors[id.index()];
+            let file = match t.source {
+                Source::GgmlFile { file, offset, .. } => Some((file, offset)),
+                Source::File { file, offset } if streams_from_file => Some((file, offset)),
+                _ => None,
+            };
+            Extent {
+                bytes: t.bytes,
+                file,
+            }
+        };
+        let images: Vec<(String, layout::ImageLayout)> = self
+            .layers
+            .iter()
+            .map(|l| {
+                let extents: Vec<Extent> = l.tensors.iter().map(extent).collect();
+                (l.name.clone(), layout::as_in_file_or_packed(&extents))
+            })
+            .collect();
+        let global_extents: Vec<Extent> = self.global.iter().map(extent).collect();
+        let global = layout::packed(&global_extents);
+        let named: Vec<(&str, &layout::ImageLayout)> =
+            images.iter().map(|(n, l)| (n.as_str(), l)).collect();
+        let mut cost = layout::model_cost(&named, &global);
+        // What the layers' weights take per element now, for advice on quantizing.
+        let (bytes, elements) = self
+            .layers
+            .iter()
+            .flat_map(|l| &l.tensors)
+            .map(|id| &self.tensors[id.index()])
+            .fold((0f64, 0f64), |(b, e), t| {
+                (
+                    b + t.bytes as f64,
+                    e + t.dims[..usize::from(t.n_dims)].iter().product::<u64>() as f64,
+                )
+            });
+        cost.bits_per_weight = (elements > 0.0 && bytes > 0.0).then(|| bytes * 8.0 / elements);
+        cost
     }
 
     /// Disk tier: registers the tensors of a host context whose data stays in the model file
@@ -828,6 +859,13 @@ impl Registry {
             .map(|&old| slots[old].take().expect("each layer is moved once"))
             .collect();
         self.global = global;
+        log::debug!(
+            "grouped {} tensors into {} layers with pattern {} ({} always resident)",
+            self.tensors.len(),
+            self.layers.len(),
+            pattern.name(),
+            self.global.len()
+        );
         self.pattern = Some(pattern);
         self.grouped = true;
     }

@@ -43,15 +43,7 @@ pub enum TensorSource {
     },
 }
 
-/// One read that fills a whole layer image from a contiguous stretch of its model file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileSpan {
-    pub file: u32,
-    /// Aligned down for direct I/O; image offset 0 holds this file offset.
-    pub start: u64,
-    /// Bytes that must exist in the file from `start` (up to the last tensor's end).
-    pub needed: u64,
-}
+pub use crate::layout::{align_up, FileSpan};
 
 #[derive(Debug, Clone)]
 pub struct LayerImage {
@@ -61,76 +53,71 @@ pub struct LayerImage {
     pub file_span: Option<FileSpan>,
     /// Bytes of the device image, alignment padding included.
     pub image_bytes: u64,
-    /// Bytes of tensor data moved per load.
+    /// Bytes of tensor data in the image.
     pub data_bytes: u64,
+    /// Bytes one load moves (the data, or the file stretch read in one go).
+    pub copy_bytes: u64,
+}
+
+impl LayerImage {
+    fn from_layout(
+        name: &str,
+        tensors: Vec<TensorPlace>,
+        layout: crate::layout::ImageLayout,
+    ) -> Self {
+        let tensors = tensors
+            .into_iter()
+            .zip(&layout.offsets)
+            .map(|(mut t, &offset)| {
+                t.offset = offset;
+                t
+            })
+            .collect();
+        LayerImage {
+            name: name.to_string(),
+            tensors,
+            file_span: layout.file_span,
+            image_bytes: layout.image_bytes,
+            data_bytes: layout.data_bytes,
+            copy_bytes: layout.copy_bytes,
+        }
+    }
+
+    pub fn layout(&self) -> crate::layout::ImageLayout {
+        crate::layout::ImageLayout {
+            offsets: self.tensors.iter().map(|t| t.offset).collect(),
+            file_span: self.file_span,
+            image_bytes: self.image_bytes,
+            data_bytes: self.data_bytes,
+            copy_bytes: self.copy_bytes,
+        }
+    }
+}
+
+fn extents(tensors: &[TensorPlace]) -> Vec<crate::layout::Extent> {
+    tensors
+        .iter()
+        .map(|t| crate::layout::Extent {
+            bytes: t.bytes,
+            file: match t.source {
+                TensorSource::File { file, offset } => Some((file, offset)),
+                TensorSource::Memory(_) => None,
+            },
+        })
+        .collect()
 }
 
 /// Lays a layer's tensors out in one contiguous, aligned device image.
-pub fn layout_layer(name: &str, tensors: Vec<TensorPlace>, alignment: u64) -> LayerImage {
-    let mut offset = 0u64;
-    let mut data_bytes = 0u64;
-    let mut placed = Vec::with_capacity(tensors.len());
-    for mut t in tensors {
-        offset = align_up(offset, alignment);
-        t.offset = offset;
-        offset += t.bytes;
-        data_bytes += t.bytes;
-        placed.push(t);
-    }
-    LayerImage {
-        name: name.to_string(),
-        tensors: placed,
-        file_span: None,
-        image_bytes: align_up(offset, alignment),
-        data_bytes,
-    }
+pub fn layout_layer(name: &str, tensors: Vec<TensorPlace>) -> LayerImage {
+    let layout = crate::layout::packed(&extents(&tensors));
+    LayerImage::from_layout(name, tensors, layout)
 }
 
 /// Lays out a layer whose tensors all come from one model file so that a single aligned read
-/// of the file stretch fills the image; falls back to a packed image (one read per tensor)
-/// when the stretch holds much more than the layer (tensors of other layers interleaved).
-pub fn layout_file_layer(name: &str, tensors: Vec<TensorPlace>, alignment: u64) -> LayerImage {
-    let span = |t: &TensorPlace| match t.source {
-        TensorSource::File { file, offset } => Some((file, offset, offset + t.bytes)),
-        TensorSource::Memory(_) => None,
-    };
-    let spans: Option<Vec<(u32, u64, u64)>> = tensors.iter().map(span).collect();
-    let data_bytes: u64 = tensors.iter().map(|t| t.bytes).sum();
-    if let Some(spans) = spans.filter(|s| !s.is_empty()) {
-        let file = spans[0].0;
-        let lo = spans.iter().map(|s| s.1).min().unwrap_or(0);
-        let hi = spans.iter().map(|s| s.2).max().unwrap_or(0);
-        let start = lo - lo % crate::diskio::DIRECT_ALIGNMENT;
-        let contiguous =
-            (hi - start) <= data_bytes + data_bytes / 4 + crate::diskio::DIRECT_ALIGNMENT;
-        if spans.iter().all(|s| s.0 == file) && contiguous {
-            let placed = tensors
-                .into_iter()
-                .zip(&spans)
-                .map(|(mut t, s)| {
-                    t.offset = s.1 - start;
-                    t
-                })
-                .collect();
-            return LayerImage {
-                name: name.to_string(),
-                tensors: placed,
-                file_span: Some(FileSpan {
-                    file,
-                    start,
-                    needed: hi - start,
-                }),
-                image_bytes: align_up(hi - start, crate::diskio::DIRECT_ALIGNMENT.max(alignment)),
-                data_bytes,
-            };
-        }
-    }
-    layout_layer(name, tensors, alignment)
-}
-
-pub fn align_up(value: u64, alignment: u64) -> u64 {
-    let a = alignment.max(1);
-    value.div_ceil(a) * a
+/// of the file stretch fills the image; packed otherwise (see `layout::as_in_file_or_packed`).
+pub fn layout_file_layer(name: &str, tensors: Vec<TensorPlace>) -> LayerImage {
+    let layout = crate::layout::as_in_file_or_packed(&extents(&tensors));
+    LayerImage::from_layout(name, tensors, layout)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,7 +361,15 @@ pub struct LayerStats {
 pub struct StreamStats {
     pub passes: u64,
     pub layer_loads: u64,
+    /// Every byte copied to the device: placement + streamed + prefetch_unused.
     pub bytes_copied: u64,
+    /// Copied once when placed: the global group and the resident layers.
+    pub placement_bytes: u64,
+    /// Copied for the streamed layer loads that `begin_layer` used.
+    pub streamed_bytes: u64,
+    /// Copied ahead but not used (yet): the next pass's first layers after the last pass,
+    /// or prefetches taken back for a layer the host asked for out of order.
+    pub prefetch_unused_bytes: u64,
     pub copy_us: u64,
     pub wait_us: u64,
     pub compute_us: u64,
@@ -649,9 +644,9 @@ impl Streamer {
                 layer,
                 pieces,
             };
-            let target_bytes = self.layers[layer].data_bytes;
-            copy_now(&self.arena, &self.files, &job).map_err(|f| self.read_error(layer, f))?;
-            self.stats.bytes_copied += target_bytes;
+            let copied =
+                copy_now(&self.arena, &self.files, &job).map_err(|f| self.read_error(layer, f))?;
+            self.stats.placement_bytes += copied;
             self.redirect(layer, base);
         }
         Ok(())
@@ -903,11 +898,16 @@ impl Streamer {
         let slot = match shared.slots.iter().position(|s| s.layer() == Some(layer)) {
             Some(slot) => {
                 self.stats.prefetch_hits += 1;
+                log::trace!("layer {layer} ({}): prefetched", self.layers[layer].name);
                 slot
             }
             None => {
                 // Not predicted (first use, prefetch depth 0, or an out-of-order host).
                 self.stats.prefetch_misses += 1;
+                log::trace!(
+                    "layer {layer} ({}): not prefetched, loading now",
+                    self.layers[layer].name
+                );
                 let slot = loop {
                     if let Some(free) = shared.slots.iter().position(|s| *s == SlotState::Free) {
                         break free;
@@ -937,7 +937,8 @@ impl Streamer {
                 shared.slots[slot] = SlotState::InUse(layer);
                 self.stats.layer_loads += 1;
                 self.stats.layers[layer].loads += 1;
-                self.stats.layers[layer].bytes += self.layers[layer].data_bytes;
+                self.stats.layers[layer].bytes += self.layers[layer].copy_bytes;
+                self.stats.streamed_bytes += self.layers[layer].copy_bytes;
                 self.schedule(&mut shared);
                 Ok(slot)
             }
@@ -1101,7 +1102,8 @@ impl Streamer {
     pub fn stats(&self) -> StreamStats {
         let shared = self.sync.lock();
         let mut stats = self.stats.clone();
-        stats.bytes_copied += shared.copy_bytes;
+        stats.bytes_copied = stats.placement_bytes + shared.copy_bytes;
+        stats.prefetch_unused_bytes = shared.copy_bytes.saturating_sub(stats.streamed_bytes);
         stats.copy_us = shared.copy_micros;
         stats
     }
@@ -1160,9 +1162,9 @@ fn copy_now(
     arena: &Buffer,
     files: &FileSet,
     job: &CopyJob,
-) -> std::result::Result<(), ReadFailure> {
+) -> std::result::Result<u64, ReadFailure> {
     if arena.is_host() {
-        return execute_host(arena, files, &job.pieces).map(|_| ());
+        return execute_host(arena, files, &job.pieces);
     }
     let (_ctx, shadow) = shadow_tensor(arena).map_err(|error| ReadFailure { error, offset: 0 })?;
     let mut bounce = Bounce::default();
@@ -1171,7 +1173,6 @@ fn copy_now(
         // live host memory or the bounce buffer, and the synchronous set completes here.
         unsafe { sys::ggml_backend_tensor_set(shadow, src.cast(), dst as usize, len as usize) };
     })
-    .map(|_| ())
 }
 
 /// A 1-D byte tensor covering the whole arena, the handle ggml's copy calls need.
@@ -1220,6 +1221,13 @@ fn copy_thread(sync: Arc<Sync2>, target: CopyTarget, trace: Trace) {
             })
         });
         let micros = start.elapsed().as_micros() as u64;
+        if let Ok(bytes) = &result {
+            log::trace!(
+                "copied layer {} into slot {}: {bytes} bytes in {micros} us",
+                job.layer,
+                job.slot
+            );
+        }
         let mut shared = sync.lock();
         let failed = match result {
             Ok(bytes) => {

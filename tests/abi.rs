@@ -350,6 +350,8 @@ fn python_ctypes_suite() {
             .current_dir(manifest_dir())
             .arg("tests/python/test_ctypes.py")
             .env("OFFLOAD_ENGINE_LIB", &library)
+            // The command line, to check Python and it give the same plan.
+            .env("OFFLOAD_ENGINE_CLI", env!("CARGO_BIN_EXE_offload-engine"))
             // No __pycache__ in the source tree from a test run.
             .env("PYTHONDONTWRITEBYTECODE", "1"),
         Some(PROGRAM_TIMEOUT),

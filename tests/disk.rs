@@ -21,21 +21,11 @@ fn temp_path(name: &str) -> PathBuf {
 }
 
 fn params(budget: u64, depth: u32) -> EngineParams {
-    EngineParams {
-        device: Some("CPU".into()),
-        budget_bytes: Some(budget),
-        prefetch_depth: depth,
-        ..Default::default()
-    }
+    builtin_models::engine_params("CPU", budget, depth)
 }
 
 fn workload(depth: u32) -> Workload {
-    Workload {
-        steps: 2,
-        passes_per_step: 1,
-        prefetch_depth: depth,
-        ..Default::default()
-    }
+    builtin_models::workload(2, 1, depth)
 }
 
 /// (reference output, the model's file, an unallocated twin of the model)

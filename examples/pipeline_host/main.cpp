@@ -89,36 +89,6 @@ std::string format_bytes(uint64_t bytes) {
     return buf;
 }
 
-// "40M", "1.5G", "512KiB", "1048576"; a bare number is in `unit` bytes.
-bool parse_size(const std::string &text, uint64_t unit, uint64_t &out) {
-    if (text.empty()) return false;
-    char *end = nullptr;
-    errno = 0;
-    double value = std::strtod(text.c_str(), &end);
-    if (errno != 0 || end == text.c_str() || !(value >= 0)) return false;
-    std::string suffix(end);
-    for (auto &c : suffix) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-    double scale = static_cast<double>(unit);
-    if (suffix.empty()) {
-    } else if (suffix == "B") {
-        scale = 1;
-    } else if (suffix == "K" || suffix == "KB" || suffix == "KIB") {
-        scale = 1024.0;
-    } else if (suffix == "M" || suffix == "MB" || suffix == "MIB") {
-        scale = 1024.0 * 1024;
-    } else if (suffix == "G" || suffix == "GB" || suffix == "GIB") {
-        scale = 1024.0 * 1024 * 1024;
-    } else if (suffix == "T" || suffix == "TB" || suffix == "TIB") {
-        scale = 1024.0 * 1024 * 1024 * 1024;
-    } else {
-        return false;
-    }
-    double bytes = value * scale;
-    if (bytes >= 1.8e19) return false;
-    out = static_cast<uint64_t>(bytes);
-    return true;
-}
-
 double us_to_ms(uint64_t us) { return static_cast<double>(us) / 1000.0; }
 
 double ms_since(std::chrono::steady_clock::time_point start) {
@@ -1165,10 +1135,10 @@ void usage(FILE *out) {
                  "  --device NAME              ggml device (CPU, CUDA0, ...); default: first GPU, else CPU\n"
                  "  --threads N                CPU backend threads (default 1)\n"
                  "  --offload-mode MODE        none|cond_only|cond_diffusion|aggressive|layer_streaming\n"
-                 "  --vram-budget SIZE         device memory for all components (e.g. 40M, 1G);\n"
+                 "  --vram-budget SIZE         device memory for all components (e.g. 40MiB, 1GB);\n"
                  "                             default: the device's free memory\n"
-                 "  --streaming-min-vram SIZE  left free on the device (MB unless suffixed)\n"
-                 "  --margin SIZE              spare memory a stage needs (MB unless suffixed)\n"
+                 "  --streaming-min-vram SIZE  left free on the device (default 512MiB)\n"
+                 "  --margin SIZE              spare memory a stage needs (default 300MiB)\n"
                  "  --streaming-prefetch N     layers copied ahead when streaming (default 1)\n"
                  "  --no-reload-diffusion      leave an evicted diffusion model off at the end of a job\n"
                  "  --offload-cond-stage / --no-offload-cond-stage\n"
@@ -1207,10 +1177,12 @@ Options parse_args(int argc, char **argv) {
             if (i + 1 >= argc) usage_error(a + " needs a value");
             return argv[++i];
         };
-        auto size = [&](uint64_t unit) {
+        // Sizes as every offload-engine tool reads them: 512MiB, 12GB, 4096 (bytes).
+        auto size = [&]() {
             std::string v = value();
             uint64_t bytes = 0;
-            if (!parse_size(v, unit, bytes)) usage_error(a + ": cannot read '" + v + "' as a size (e.g. 512M, 2G)");
+            if (offload_engine_size_parse(v.c_str(), &bytes) != OFFLOAD_ENGINE_OK)
+                usage_error(a + ": " + offload_engine_last_error());
             return bytes;
         };
         if (a == "-h" || a == "--help") {
@@ -1245,12 +1217,12 @@ Options parse_args(int argc, char **argv) {
         } else if (a == "--offload-mode") {
             o.mode = value();
         } else if (a == "--vram-budget") {
-            o.budget = size(1);
+            o.budget = size();
         } else if (a == "--streaming-min-vram") {
-            o.min_free = size(1ull << 20);
+            o.min_free = size();
             o.have_min_free = true;
         } else if (a == "--margin") {
-            o.margin = size(1ull << 20);
+            o.margin = size();
             o.have_margin = true;
         } else if (a == "--streaming-prefetch") {
             o.prefetch = static_cast<uint32_t>(parse_int(a, value(), 0, 64));

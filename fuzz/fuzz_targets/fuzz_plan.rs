@@ -75,7 +75,19 @@ fuzz_target!(|data: &[u8]| {
     let spec = decode_hparams(&mut input);
     check_hparams(&spec, &budget, &workload, &link, bar_width);
     if let Ok(bytes) = units::parse_size(&spec) {
-        assert!(bytes > 0, "{spec:?} parsed as 0 bytes");
+        // Zero only from a number that is zero, never from one that rounds to it.
+        if bytes == 0 {
+            let number: String = spec
+                .trim()
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            assert_eq!(
+                number.parse::<f64>().ok(),
+                Some(0.0),
+                "{spec:?} parsed as 0 bytes"
+            );
+        }
     }
 });
 
@@ -101,17 +113,27 @@ fn decode_model(input: &mut Input) -> ModelCost {
                 0 => None,
                 _ => Some(input.float()),
             };
+            // Loads move their data, a little less than the aligned image; sometimes more,
+            // which plan must refuse.
+            let copy_bytes = match input.u8() % 4 {
+                0 => bytes - bytes / 16,
+                1 => bytes.saturating_add(1),
+                _ => bytes,
+            };
             LayerCost {
-                name: format!("blk.{i}"),
-                bytes,
+                copy_bytes,
                 once_bytes,
                 compute_seconds,
+                ..LayerCost::new(format!("blk.{i}"), bytes)
             }
         })
         .collect();
+    let global_bytes = input.size();
     ModelCost {
         layers,
-        global_bytes: input.size(),
+        global_bytes,
+        global_copy_bytes: global_bytes - global_bytes / 8,
+        bits_per_weight: input.bool().then(|| input.float()),
     }
 }
 
@@ -182,8 +204,14 @@ fn decode_calibration(input: &mut Input, n: usize) -> Option<Vec<f64>> {
 fn inputs_valid(model: &ModelCost, budget: &Budget, workload: &Workload, link: &Link) -> bool {
     let layers_ok = !model.layers.is_empty()
         && model.layers.iter().all(|l| {
-            l.once_bytes <= l.bytes && l.compute_seconds.is_none_or(|c| c.is_finite() && c >= 0.0)
-        });
+            l.copy_bytes <= l.bytes
+                && l.once_bytes <= l.copy_bytes
+                && l.compute_seconds.is_none_or(|c| c.is_finite() && c >= 0.0)
+        })
+        && model.global_copy_bytes <= model.global_bytes
+        && model
+            .bits_per_weight
+            .is_none_or(|b| b.is_finite() && b > 0.0);
     let total: u128 = model.layers.iter().map(|l| u128::from(l.bytes)).sum();
     let sizes_ok = total > 0
         && total <= u128::from(u64::MAX)
@@ -288,7 +316,20 @@ fn check_plan(model: &ModelCost, budget: &Budget, workload: &Workload, plan: &Pl
                 .map(|i| plan.resident_layers.binary_search(&i).is_ok())
                 .collect();
             let traffic = planner::static_traffic(model, workload, &resident_flags);
-            assert_eq!(traffic.bytes_moved, plan.bytes_per_run);
+            assert_eq!(
+                traffic.bytes_moved.saturating_add(model.global_copy_bytes),
+                plan.bytes_per_run
+            );
+            let placement: u128 = u128::from(model.global_copy_bytes)
+                + plan
+                    .resident_layers
+                    .iter()
+                    .map(|&i| u128::from(model.layers[i].copy_bytes))
+                    .sum::<u128>();
+            assert_eq!(
+                u128::from(plan.placement_bytes),
+                placement.min(u128::from(u64::MAX))
+            );
             assert_eq!(traffic.loads, plan.layer_loads_per_run);
             plan.clone().into_result().expect("a fitting plan is Ok");
         }

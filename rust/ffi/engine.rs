@@ -44,6 +44,9 @@ pub struct StatsC {
     pub prefetch_misses: u64,
     pub arena_bytes: u64,
     pub arena_peak_bytes: u64,
+    pub placement_bytes: u64,
+    pub streamed_bytes: u64,
+    pub prefetch_unused_bytes: u64,
 }
 
 #[repr(C)]
@@ -244,6 +247,9 @@ pub extern "C" fn offload_engine_engine_stats(
                 prefetch_misses: s.prefetch_misses,
                 arena_bytes: s.arena_bytes,
                 arena_peak_bytes: s.arena_peak_bytes,
+                placement_bytes: s.placement_bytes,
+                streamed_bytes: s.streamed_bytes,
+                prefetch_unused_bytes: s.prefetch_unused_bytes,
             };
             Ok(())
         })

@@ -75,6 +75,20 @@ pub extern "C" fn offload_engine_log_set_callback(
 }
 
 #[no_mangle]
+pub extern "C" fn offload_engine_size_parse(text: *const c_char, bytes_out: *mut u64) -> c_int {
+    boundary(|| {
+        let text = boundary::text(text, "text")?;
+        let slot = boundary::out(bytes_out, "bytes_out")?;
+        let bytes = crate::units::parse_size(text)?;
+        if let Some(warning) = crate::units::bare_size_warning(text, bytes) {
+            log::warn!("{warning}");
+        }
+        *slot = bytes;
+        Ok(())
+    })
+}
+
+#[no_mangle]
 pub extern "C" fn offload_engine_debug_inject_fault(fault: c_int, countdown: u32) -> c_int {
     boundary(|| {
         let fault = crate::faults::from_code(fault)

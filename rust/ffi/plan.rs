@@ -46,6 +46,7 @@ pub struct PlanSummary {
     pub bytes_per_step: u64,
     pub bytes_per_run: u64,
     pub predicted_step_seconds: f64,
+    pub placement_bytes: u64,
 }
 
 pub struct PlanHandle {
@@ -127,7 +128,7 @@ pub extern "C" fn offload_engine_plan_new(
         with_registry(handle, |state| {
             let (budget, workload, link) = plan_inputs(params)?;
             out(plan_out, "plan_out")?;
-            let model = state.registry.model_cost();
+            let model = state.registry.model_cost(false);
             let plan = planner::plan(&model, &budget, &workload, &link)?.into_result()?;
             publish_plan(plan, model.layers.len(), plan_out)
         })
@@ -165,6 +166,7 @@ pub extern "C" fn offload_engine_plan_get_summary(
             bytes_per_step: p.bytes_per_step,
             bytes_per_run: p.bytes_per_run,
             predicted_step_seconds: p.predicted_step_seconds,
+            placement_bytes: p.placement_bytes,
         };
         Ok(())
     })

@@ -373,14 +373,12 @@ impl Hparams {
         let bytes = self.layer_bytes();
         ModelCost {
             layers: (0..self.layers)
-                .map(|i| LayerCost {
-                    name: format!("blk.{i}"),
-                    bytes,
-                    once_bytes: 0,
-                    compute_seconds: None,
-                })
+                .map(|i| LayerCost::new(format!("blk.{i}"), bytes))
                 .collect(),
             global_bytes: self.global_bytes().saturating_add(self.kv_cache_bytes()),
+            // The KV cache is made on the device, never copied there.
+            global_copy_bytes: self.global_bytes(),
+            bits_per_weight: None,
         }
     }
 }

@@ -27,8 +27,12 @@ use crate::units::format_bytes;
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerCost {
     pub name: String,
+    /// Device bytes the layer takes (its image, alignment included).
     pub bytes: u64,
-    /// Part of `bytes` read only on the first pass of a run (e.g. cross-attention K/V
+    /// Bytes one load of the layer moves over the link (its tensors' data, or the file
+    /// stretch it is read as); at most `bytes`.
+    pub copy_bytes: u64,
+    /// Part of `copy_bytes` moved only on the first pass of a run (e.g. cross-attention K/V
     /// projections of a fixed context, which seed 001 reads once across 10 diffusion steps).
     pub once_bytes: u64,
     /// Compute time of one pass through this layer, measured or given.
@@ -36,12 +40,30 @@ pub struct LayerCost {
 }
 
 /// A model as the planner sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ModelCost {
     /// In execution order.
     pub layers: Vec<LayerCost>,
     /// Always resident (embeddings, output head, norms; for `Hparams` models also the KV cache).
     pub global_bytes: u64,
+    /// Bytes the global group's one upload moves (at most `global_bytes`).
+    pub global_copy_bytes: u64,
+    /// Average bits per weight of the layers' tensors, when known (advice on quantizing
+    /// starts from it).
+    pub bits_per_weight: Option<f64>,
+}
+
+impl LayerCost {
+    /// A layer whose loads move exactly its bytes (no alignment, nothing read once).
+    pub fn new(name: impl Into<String>, bytes: u64) -> LayerCost {
+        LayerCost {
+            name: name.into(),
+            bytes,
+            copy_bytes: bytes,
+            once_bytes: 0,
+            compute_seconds: None,
+        }
+    }
 }
 
 impl ModelCost {
@@ -57,11 +79,30 @@ impl ModelCost {
         if self.layers.is_empty() {
             return Err(Error::invalid("model has no layers"));
         }
-        for l in &self.layers {
-            if l.once_bytes > l.bytes {
+        if let Some(bits) = self.bits_per_weight {
+            if !(bits.is_finite() && bits > 0.0) {
                 return Err(Error::invalid(format!(
-                    "layer {:?}: once_bytes ({}) exceed its bytes ({})",
-                    l.name, l.once_bytes, l.bytes
+                    "bits per weight must be positive and finite, got {bits}"
+                )));
+            }
+        }
+        if self.global_copy_bytes > self.global_bytes {
+            return Err(Error::invalid(format!(
+                "the global group moves {} bytes but takes only {}",
+                self.global_copy_bytes, self.global_bytes
+            )));
+        }
+        for l in &self.layers {
+            if l.copy_bytes > l.bytes {
+                return Err(Error::invalid(format!(
+                    "layer {:?}: copy_bytes ({}) exceed its bytes ({})",
+                    l.name, l.copy_bytes, l.bytes
+                )));
+            }
+            if l.once_bytes > l.copy_bytes {
+                return Err(Error::invalid(format!(
+                    "layer {:?}: once_bytes ({}) exceed its copy_bytes ({})",
+                    l.name, l.once_bytes, l.copy_bytes
                 )));
             }
             if let Some(c) = l.compute_seconds {
@@ -239,11 +280,13 @@ pub struct Plan {
     /// reserves.
     pub streaming_bytes: u64,
     pub layer_bytes_max: u64,
-    /// Bytes over the link per pass once warm (read-once parts excluded).
+    /// Copied once, when the engine is placed: the global group and the resident layers.
+    pub placement_bytes: u64,
+    /// Streamed layers copied per pass once warm (read-once parts excluded).
     pub bytes_per_pass: u64,
     /// `passes_per_step * bytes_per_pass`.
     pub bytes_per_step: u64,
-    /// Every upload of the run, including the first upload of resident layers.
+    /// Every copy of the run: the placement, then every streamed load of every pass.
     pub bytes_per_run: u64,
     pub layer_loads_per_run: u64,
     /// One step from an empty pipeline (so including the first copy), from the two-engine model.
@@ -267,6 +310,12 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The prefetch depth a run of this plan gets when `asked` for: a ring of `slot_count`
+    /// slots holds the layer computing and at most `slot_count - 1` copied ahead.
+    pub fn prefetch_depth(&self, asked: u32) -> u32 {
+        self.slot_count.saturating_sub(1).min(asked)
+    }
+
     /// `Err(InsufficientMemory, message)` for an insufficient plan; the plan otherwise.
     pub fn into_result(self) -> Result<Plan> {
         if self.mode == Mode::Insufficient {
@@ -306,7 +355,7 @@ pub fn plan(model: &ModelCost, budget: &Budget, workload: &Workload, link: &Link
     let values: Vec<u64> = model
         .layers
         .iter()
-        .map(|l| l.bytes - l.once_bytes)
+        .map(|l| l.copy_bytes - l.once_bytes)
         .collect();
     let layer_total = model.layer_bytes_total()?;
     let nonzero = bytes.iter().filter(|&&b| b > 0).count() as u64;
@@ -348,6 +397,7 @@ pub fn plan(model: &ModelCost, budget: &Budget, workload: &Workload, link: &Link
         full_cache_bytes,
         streaming_bytes,
         layer_bytes_max: layer_max,
+        placement_bytes: 0,
         bytes_per_pass: 0,
         bytes_per_step: 0,
         bytes_per_run: 0,
@@ -392,9 +442,17 @@ pub fn plan(model: &ModelCost, budget: &Budget, workload: &Workload, link: &Link
 
     // Traffic, in closed form.
     let traffic = static_traffic(model, workload, &resident);
+    plan.placement_bytes = clamp_u64(
+        model.global_copy_bytes as u128
+            + sum_u128(
+                plan.resident_layers
+                    .iter()
+                    .map(|&i| model.layers[i].copy_bytes),
+            ),
+    );
     plan.bytes_per_pass = clamp_u64(sum_u128(plan.streamed_layers.iter().map(|&i| values[i])));
     plan.bytes_per_step = clamp_u64(plan.bytes_per_pass as u128 * workload.passes_per_step as u128);
-    plan.bytes_per_run = traffic.bytes_moved;
+    plan.bytes_per_run = traffic.bytes_moved.saturating_add(model.global_copy_bytes);
     plan.layer_loads_per_run = traffic.loads;
 
     // Time of one step.
@@ -557,22 +615,35 @@ fn insufficient_message(
             format_bytes(clamp_u64(more))
         ));
     }
-    // 2. Smaller weights: the factor by which global + one layer must shrink.
+    // 2. Smaller weights: the factor by which global + one layer must shrink, from the
+    // model's own bits per weight when known.
     let shrink = usable as f64 / min_streaming as f64;
     if shrink > 0.0 {
-        let from16 = 16.0 * shrink;
-        let fits = WeightType::ladder()
-            .into_iter()
-            .find(|t| t.bits() <= from16)
-            .map(|t| format!("{} ({} bits) would fit", t.name(), t.bits()))
-            .unwrap_or_else(|| "no standard type is that small".to_string());
+        let fits = |bits: f64| {
+            WeightType::ladder()
+                .into_iter()
+                .find(|t| t.bits() <= bits)
+                .map(|t| format!("{} ({} bits) would fit", t.name(), t.bits()))
+                .unwrap_or_else(|| "no standard type is that small".to_string())
+        };
+        let advice = match model.bits_per_weight {
+            Some(now) => format!(
+                "from its {now:.2} bits per weight to at most {:.2} ({})",
+                now * shrink,
+                fits(now * shrink)
+            ),
+            None => format!(
+                "from 16-bit weights to at most {:.2} bits per weight ({}), from 32-bit to at \
+                 most {:.2}",
+                16.0 * shrink,
+                fits(16.0 * shrink),
+                32.0 * shrink
+            ),
+        };
         msg.push_str(&format!(
             " (2) quantize: every resident tensor would have to shrink to {:.0}% of its size, \
-             i.e. from 16-bit weights to at most {:.2} bits per weight ({fits}), from 32-bit to \
-             at most {:.2};",
+             i.e. {advice};",
             shrink * 100.0,
-            from16,
-            32.0 * shrink
         ));
     } else {
         msg.push_str(" (2) quantizing cannot help: no device memory is usable;");
@@ -781,10 +852,9 @@ fn bench_case() -> (ModelCost, Budget, Workload) {
             let jitter = (i * 7919 % 3001) * 4096;
             let cross = if i % 4 == 3 { 6 * MIB } else { 0 };
             LayerCost {
-                name: format!("blk.{i}"),
-                bytes: 40 * MIB + jitter + cross,
                 once_bytes: cross,
                 compute_seconds: Some(0.002 + (i % 5) as f64 * 1e-4),
+                ..LayerCost::new(format!("blk.{i}"), 40 * MIB + jitter + cross)
             }
         })
         .collect();
@@ -792,6 +862,8 @@ fn bench_case() -> (ModelCost, Budget, Workload) {
     let model = ModelCost {
         layers,
         global_bytes: 2 << 30,
+        global_copy_bytes: 2 << 30,
+        bits_per_weight: None,
     };
     let budget = Budget::from_free((2 << 30) + total / 2 + (1 << 30));
     let workload = Workload {

@@ -35,9 +35,9 @@ impl Traffic {
 fn pass_bytes(model: &ModelCost, layer: usize, first_pass: bool) -> u64 {
     let l = &model.layers[layer];
     if first_pass {
-        l.bytes
+        l.copy_bytes
     } else {
-        l.bytes.saturating_sub(l.once_bytes)
+        l.copy_bytes.saturating_sub(l.once_bytes)
     }
 }
 
@@ -57,14 +57,14 @@ pub fn static_traffic(model: &ModelCost, workload: &Workload, resident: &[bool])
         if l.bytes == 0 {
             continue;
         }
-        t.first_pass_bytes = t.first_pass_bytes.saturating_add(l.bytes);
+        t.first_pass_bytes = t.first_pass_bytes.saturating_add(l.copy_bytes);
         t.first_pass_loads += 1;
         let later = if resident.get(i).copied().unwrap_or(false) {
             0
         } else {
             (passes - 1) as u128 * pass_bytes(model, i, false) as u128
         };
-        let run = l.bytes as u128 + later;
+        let run = l.copy_bytes as u128 + later;
         t.bytes_moved = t
             .bytes_moved
             .saturating_add(u64::try_from(run).unwrap_or(u64::MAX));
@@ -553,14 +553,9 @@ mod tests {
             layers: sizes
                 .iter()
                 .enumerate()
-                .map(|(i, &b)| LayerCost {
-                    name: format!("l{i}"),
-                    bytes: b,
-                    once_bytes: 0,
-                    compute_seconds: None,
-                })
+                .map(|(i, &b)| LayerCost::new(format!("l{i}"), b))
                 .collect(),
-            global_bytes: 0,
+            ..Default::default()
         }
     }
 

@@ -264,6 +264,32 @@ static void check_version_and_status_strings(void)
     CHECK(strcmp(offload_engine_status_str(INT32_MAX), offload_engine_status_str(-1)) == 0);
 }
 
+/* One size syntax: decimal units are powers of ten, binary ones powers of two. */
+static void check_size_parse(void)
+{
+    uint64_t bytes = 0;
+    CHECK_OK(offload_engine_size_parse("12GB", &bytes));
+    CHECK(bytes == (uint64_t)12000000000ULL);
+    CHECK_OK(offload_engine_size_parse("12GiB", &bytes));
+    CHECK(bytes == (uint64_t)12 << 30);
+    CHECK_OK(offload_engine_size_parse("512M", &bytes));
+    CHECK(bytes == (uint64_t)512000000);
+    CHECK_OK(offload_engine_size_parse("1.5 MiB", &bytes));
+    CHECK(bytes == (uint64_t)3 << 19);
+    CHECK_OK(offload_engine_size_parse("4096", &bytes));
+    CHECK(bytes == 4096);
+    CHECK_OK(offload_engine_size_parse("0", &bytes));
+    CHECK(bytes == 0);
+    bytes = 77;
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_size_parse("12 parsecs", &bytes));
+    CHECK(contains(offload_engine_last_error(), "unit"));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_size_parse("0.4", &bytes));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_INVALID_ARGUMENT, offload_engine_size_parse("", &bytes));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_size_parse(NULL, &bytes));
+    CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_size_parse("1G", NULL));
+    CHECK(bytes == 77); /* untouched on failure */
+}
+
 static void check_params_init(void)
 {
     offload_engine_registry_params registry_params;
@@ -2265,6 +2291,7 @@ static void run_c_checks(int argc, char **argv)
     /* Nothing failed yet on this thread. */
     CHECK(offload_engine_last_error() != NULL && offload_engine_last_error()[0] == '\0');
     check_version_and_status_strings();
+    check_size_parse();
     check_params_init();
     check_log_callback();
     check_last_error_is_per_thread();

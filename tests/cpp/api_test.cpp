@@ -204,6 +204,11 @@ int main() {
     auto refused = oe::Plan::simulate(*tiny, too_small);
     EXPECT(!refused.ok() && refused.error().status == oe::Status::insufficient_memory);
 
+    // One size syntax for every tool.
+    EXPECT(oe::parse_size("12GB").ok() && *oe::parse_size("12GB") == 12000000000ull);
+    EXPECT(oe::parse_size("12GiB").ok() && *oe::parse_size("12GiB") == (12ull << 30));
+    EXPECT(!oe::parse_size("twelve").ok());
+
     if (failures == 0) std::printf("C++ API: all checks passed\n");
     return failures == 0 ? 0 : 1;
 }

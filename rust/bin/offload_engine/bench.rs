@@ -10,6 +10,97 @@ use offload_engine::executor::{Executor, LayeredModel};
 use offload_engine::planner::{Link, Workload};
 use offload_engine::units::format_bytes;
 
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// ggml device ("CPU", "CUDA0", ...); default: the first GPU, else the CPU.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// A smaller model and fewer repetitions (tests, quick looks).
+    #[arg(long)]
+    pub quick: bool,
+    /// Stream from the model file (disk tier): read throughput and peak RSS, on the CPU.
+    #[arg(long)]
+    pub disk: bool,
+    /// Write the traced run's timeline (copy, wait and compute lanes) as Chrome trace-event
+    /// JSON (open in Perfetto).
+    #[arg(long)]
+    pub trace: Option<std::path::PathBuf>,
+}
+
+/// `offload-engine bench`: the streaming benchmark, or the disk tier's with `--disk`.
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let load_start = load_average();
+    let outcome = if args.disk {
+        if args.device.as_deref().is_some_and(|d| d != "CPU") {
+            return Err(offload_engine::error::Error::invalid(
+                "bench --disk measures the disk tier on the CPU device; --device applies to the streaming benchmark",
+            ));
+        }
+        run_disk_bench(args.json, args.quick)
+    } else {
+        run_bench(
+            args.json,
+            args.device.as_deref(),
+            args.quick,
+            args.trace.as_deref(),
+        )
+    };
+    let load_end = load_average();
+    if !args.json {
+        report_load(load_start, load_end);
+    }
+    outcome
+}
+
+/// The 1-minute load average and the number of cores (None where /proc has none).
+fn load_average() -> Option<(f64, usize)> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let load = text.split_whitespace().next()?.parse().ok()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((load, cores))
+}
+
+/// Ratios from one run hold only if nothing else used the machine: say how busy it was.
+fn report_load(start: Option<(f64, usize)>, end: Option<(f64, usize)>) {
+    let (Some((start, cores)), Some((end, _))) = (start, end) else {
+        return;
+    };
+    println!("load average {start:.2} before the run, {end:.2} after ({cores} cores)");
+    if start > cores as f64 / 2.0 {
+        println!(
+            "warning: the machine was busy before the benchmark started (load {start:.2} on {cores} cores): the figures may be off; run it again on an idle machine"
+        );
+    }
+}
+
+/// One benchmark phase at a time on stderr, so a run of many seconds is never silent.
+struct Progress {
+    step: usize,
+    steps: usize,
+}
+
+impl Progress {
+    fn new(steps: usize) -> Progress {
+        Progress { step: 0, steps }
+    }
+
+    fn next(&mut self, what: &str) {
+        self.step += 1;
+        eprintln!("bench: [{}/{}] {what}", self.step, self.steps);
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT MET"
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub device: String,
@@ -182,7 +273,14 @@ fn registry_figures() -> Result<(f64, f64)> {
     Ok((ms, registry.approx_heap_bytes() as f64 / names.len() as f64))
 }
 
-pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
+pub fn measure(
+    device: Option<&str>,
+    quick: bool,
+    trace: Option<&std::path::Path>,
+) -> Result<BenchReport> {
+    let rounds = if quick { 2 } else { 3 };
+    let mut progress = Progress::new(3 + rounds);
+    progress.next("sizing the batch so a layer computes about as long as it copies");
     let mut config = if quick {
         DemoConfig {
             hidden: 256,
@@ -240,8 +338,11 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
     let (mut full_t, mut streamed_t, mut naive_t, mut copy_t) = (vec![], vec![], vec![], vec![]);
     let mut outputs = Vec::new();
     let mut streamed_stats = None;
-    let rounds = if quick { 2 } else { 3 };
-    for _ in 0..rounds {
+    for round in 0..rounds {
+        progress.next(&format!(
+            "round {} of {rounds}: resident, streamed, synchronous and copy-only runs",
+            round + 1
+        ));
         let full = run_with_engine(&model, params(weights * 2, 1), &workload(1), passes, None)?;
         full_t.push(steady(&full.pass_seconds));
         let streamed = run_with_engine(&model, params(budget, 1), &workload(1), passes, None)?;
@@ -259,13 +360,13 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
         streamed_stats = Some(streamed.stats);
     }
     let streamed = streamed_stats.expect("at least one round");
-    let traced = run_with_engine(
-        &model,
-        params(budget, 1),
-        &workload(1),
-        2,
-        Some(&std::env::temp_dir().join("offload-engine-bench-trace.json")),
-    )?;
+    progress.next("a traced streamed run");
+    let traced_params = EngineParams {
+        trace: true,
+        ..params(budget, 1)
+    };
+    let traced = run_with_engine(&model, traced_params, &workload(1), 2, trace)?;
+    progress.next("resident overhead, bookkeeping, planner and registry figures");
     let (compute_time, streamed_time, naive_time, copy_time) =
         (min(&full_t), min(&streamed_t), min(&naive_t), min(&copy_t));
     let (resident_time, reference) =
@@ -279,7 +380,9 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
             (best.min(ms), bytes)
         });
 
-    let streaming_copy = streamed.bytes_copied as f64 / (streamed.copy_us.max(1) as f64 / 1e6);
+    // The copy thread's bytes over its time (the placement is copied before, synchronously).
+    let streaming_copy = (streamed.bytes_copied - streamed.placement_bytes) as f64
+        / (streamed.copy_us.max(1) as f64 / 1e6);
     let limit = compute_time.max(copy_time);
     let device_name = offload_engine::backend::Device::select(device)?.name;
     Ok(BenchReport {
@@ -309,8 +412,13 @@ pub fn measure(device: Option<&str>, quick: bool) -> Result<BenchReport> {
     })
 }
 
-pub fn run_bench(json: bool, device: Option<&str>, quick: bool) -> Result<()> {
-    let r = measure(device, quick)?;
+pub fn run_bench(
+    json: bool,
+    device: Option<&str>,
+    quick: bool,
+    trace: Option<&std::path::Path>,
+) -> Result<()> {
+    let r = measure(device, quick, trace)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
         return Ok(());
@@ -329,12 +437,12 @@ pub fn run_bench(json: bool, device: Option<&str>, quick: bool) -> Result<()> {
         "copies alone (streamed layers)    {:9.2} ms/pass",
         r.copies_alone_ms
     );
-    println!("streamed, prefetch 1              {:9.2} ms/pass   ratio to max(compute, copies) {:.3} (target <= 1.15)", r.streamed_ms, r.overlap_ratio);
+    println!("streamed, prefetch 1              {:9.2} ms/pass   ratio to max(compute, copies) {:.3} (target <= 1.15: {})", r.streamed_ms, r.overlap_ratio, verdict(r.overlap_ratio <= 1.15));
     println!(
         "naive synchronous loads           {:9.2} ms/pass   ratio {:.3}",
         r.naive_ms, r.naive_ratio
     );
-    println!("copy throughput while streaming   {:9.2} GB/s = {:.1}% of memcpy {:.2} GB/s (target >= 80%)", r.streaming_copy_gbps, r.copy_fraction_of_memcpy * 100.0, r.memcpy_gbps);
+    println!("copy throughput while streaming   {:9.2} GB/s = {:.1}% of memcpy {:.2} GB/s (target >= 80%: {})", r.streaming_copy_gbps, r.copy_fraction_of_memcpy * 100.0, r.memcpy_gbps, verdict(r.copy_fraction_of_memcpy >= 0.8));
     if let (Some(link), Some(used)) = (r.pinned_link_gbps, r.link_utilisation) {
         println!(
             "link utilisation while streaming  {:8.1}% of pinned host-to-device {link:.2} GB/s",
@@ -342,26 +450,32 @@ pub fn run_bench(json: bool, device: Option<&str>, quick: bool) -> Result<()> {
         );
     }
     println!(
-        "engine bookkeeping                {:9.3} us/layer (target <= 10)",
-        r.overhead_us_per_layer
+        "engine bookkeeping                {:9.3} us/layer (target <= 10: {})",
+        r.overhead_us_per_layer,
+        verdict(r.overhead_us_per_layer <= 10.0)
     );
     println!(
-        "resident via engine vs without    {:9.2} ms vs {:.2} ms: {:+.2}% (target <= 1%)",
+        "resident via engine vs without    {:9.2} ms vs {:.2} ms: {:+.2}% (target <= 1%: {})",
         r.resident_through_engine_ms,
         r.reference_ms,
-        r.resident_overhead_fraction * 100.0
+        r.resident_overhead_fraction * 100.0,
+        verdict(r.resident_overhead_fraction <= 0.01)
     );
     println!(
         "copy/compute overlap in trace     {:9.2} ms",
         r.trace_overlap_ms
     );
     println!(
-        "plan 1000 layers x 100 steps      {:9.3} ms (target < 10)",
-        r.plan_1000_layers_ms
+        "plan 1000 layers x 100 steps      {:9.3} ms (target < 10: {})",
+        r.plan_1000_layers_ms,
+        verdict(r.plan_1000_layers_ms < 10.0)
     );
     println!(
-        "register 100k tensors             {:9.2} ms (target < 100), {:.0} B/tensor (target < 256)",
-        r.registry_100k_ms, r.registry_bytes_per_tensor
+        "register 100k tensors             {:9.2} ms (target < 100: {}), {:.0} B/tensor (target < 256: {})",
+        r.registry_100k_ms,
+        verdict(r.registry_100k_ms < 100.0),
+        r.registry_bytes_per_tensor,
+        verdict(r.registry_bytes_per_tensor < 256.0)
     );
     println!("outputs bit-identical             {}", r.bit_identical);
     Ok(())
@@ -401,6 +515,8 @@ fn peak_rss() -> u64 {
 /// Streams a model at least 8 times larger than its slot ring from its GGUF file.
 pub fn measure_disk(quick: bool) -> Result<DiskBenchReport> {
     use crate::models::run_streamed;
+    let mut progress = Progress::new(5);
+    progress.next("writing the model file");
     let config = if quick {
         DemoConfig {
             hidden: 256,
@@ -450,16 +566,22 @@ pub fn measure_disk(quick: bool) -> Result<DiskBenchReport> {
     // Peak RSS from here on: the model in memory above is gone.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 
+    progress.next("sequential read, warm page cache");
     let sequential_warm = offload_engine::diskio::sequential_read_bandwidth(&path, 8 << 20)?;
+    progress.next("streaming from the file, warm page cache");
     let warm = run_streamed(&twin, Some(&path), params.clone(), &workload, 1, None)?;
     offload_engine::diskio::drop_page_cache(&path)?;
+    progress.next("sequential read, cold page cache");
     let sequential_cold = offload_engine::diskio::sequential_read_bandwidth(&path, 8 << 20)?;
     offload_engine::diskio::drop_page_cache(&path)?;
+    progress.next("streaming from the file, cold page cache");
     let cold = run_streamed(&twin, Some(&path), params, &workload, 1, None)?;
     let peak = peak_rss();
 
+    // What the copy thread read over its time (the placement was read before it started).
     let throughput = |r: &crate::models::RunResult| {
-        r.stats.bytes_copied as f64 / (r.stats.copy_us.max(1) as f64 / 1e6)
+        (r.stats.bytes_copied - r.stats.placement_bytes) as f64
+            / (r.stats.copy_us.max(1) as f64 / 1e6)
     };
     let ring = u64::from(warm.plan.slot_count) * warm.plan.slot_bytes;
     let direct = offload_engine::diskio::FileSet::open(&[offload_engine::diskio::ModelFile {
@@ -511,10 +633,14 @@ pub fn run_disk_bench(json: bool, quick: bool) -> Result<()> {
         r.read_fraction_warm * 100.0
     );
     println!(
-        "cold page cache: streaming {:.2} GB/s vs sequential read {:.2} GB/s = {:.1}% (target >= 80%)",
+        "cold page cache: streaming {:.2} GB/s vs sequential read {:.2} GB/s = {:.1}%",
         r.streaming_cold_gbps,
         r.sequential_cold_gbps,
         r.read_fraction_cold * 100.0
+    );
+    println!(
+        "target: both >= 80% of sequential: {}",
+        verdict(r.read_fraction_of_sequential >= 0.8)
     );
     println!(
         "peak RSS {} vs bound {} (ring + resident + global + 64 MiB)",

@@ -1,5 +1,6 @@
 //! `offload-engine pipeline`: the built-in three-stage pipeline in every offload mode.
 
+use crate::args::count;
 use crate::models::checksum;
 use std::time::Instant;
 
@@ -8,20 +9,46 @@ use offload_engine::error::{Error, Result, Status};
 use offload_engine::pipeline::{OffloadMode, PipelineParams};
 use offload_engine::units::format_bytes;
 
+#[derive(clap::Args)]
 pub struct PipelineDemoOptions {
-    /// `None`: every mode in turn.
+    /// none, cond_only, cond_diffusion, aggressive, layer_streaming; default: each in turn.
+    #[arg(long = "offload-mode", value_parser = parse_mode)]
     pub mode: Option<OffloadMode>,
-    /// `None`: room for the diffusion model and the decoder, not the text encoder besides.
+    /// Device memory for all components (default: the diffusion model and the decoder fit,
+    /// the text encoder does not fit beside them).
+    #[arg(long = "vram-budget", value_parser = crate::args::size)]
     pub budget: Option<u64>,
+    /// Sampling steps of the diffusion stage (two passes each, for classifier-free guidance).
+    #[arg(long, default_value_t = 4)]
     pub steps: u32,
+    /// Jobs per mode (the reload policy acts between them).
+    #[arg(long, default_value_t = 2)]
     pub runs: u32,
+    /// Layers copied ahead in a streamed diffusion model.
+    #[arg(long = "streaming-prefetch", default_value_t = 1)]
     pub prefetch: u32,
+    /// Device memory left free, a size (subtracted from the budget).
+    #[arg(long = "streaming-min-vram", default_value = "0", value_parser = crate::args::size)]
     pub min_free: u64,
+    /// Log every component move with bytes and time.
+    #[arg(long = "offload-log")]
     pub log_moves: bool,
+    /// Leave an evicted diffusion model off the device between jobs.
+    #[arg(long = "no-reload-diffusion", action = clap::ArgAction::SetFalse)]
     pub reload_diffusion: bool,
+    /// ggml device ("CPU", "CUDA0", ...); default: the first GPU, else the CPU.
+    #[arg(long)]
     pub device: Option<String>,
+    /// Compute threads on the CPU backend.
+    #[arg(long, default_value_t = 1)]
     pub threads: i32,
+    /// Smaller models (tests, quick looks).
+    #[arg(long)]
     pub tiny: bool,
+}
+
+fn parse_mode(text: &str) -> std::result::Result<OffloadMode, String> {
+    OffloadMode::parse(text).map_err(|e| e.message)
 }
 
 /// `offload-engine pipeline`: the demo pipeline in each mode under one budget; outputs are
@@ -29,13 +56,18 @@ pub struct PipelineDemoOptions {
 pub fn run_pipeline_demo(options: &PipelineDemoOptions) -> Result<()> {
     let components = components(options.tiny, options.steps)?;
     for c in &components {
+        // The layers the engine streams (a Flux-style model has its single blocks besides
+        // the double blocks its config counts).
         println!(
-            "{:<16} {:<12} {:>2} layers  {:>10}  {} passes per job",
+            "{:<16} {:<12} {:>10}  {:>10}  {} per job",
             c.name,
             c.role.name(),
-            c.model.config.layers,
+            count(
+                offload_engine::executor::LayeredModel::layer_count(&c.model) as u64,
+                "layer"
+            ),
             format_bytes(c.model.weight_bytes()),
-            c.passes
+            count(c.passes, "pass")
         );
     }
     let want = reference_outputs(&components, options.device.as_deref(), options.threads)?;

@@ -122,9 +122,26 @@ pub fn run_soak(engines: u64, passes_per_engine: u64, seed: u64) -> Result<SoakR
     Ok(report)
 }
 
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    /// Engines to create, one after another.
+    #[arg(long, default_value_t = 300)]
+    pub engines: u64,
+    /// Forward passes per engine.
+    #[arg(long, default_value_t = 10)]
+    pub passes: u64,
+    /// Seed of the random budgets, depths and sizes.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `offload-engine soak`: prints the report, or its JSON.
-pub fn soak(engines: u64, passes: u64, seed: u64, json: bool) -> Result<()> {
-    let r = run_soak(engines, passes, seed)?;
+pub fn soak(args: &SoakArgs) -> Result<()> {
+    let json = args.json;
+    let r = run_soak(args.engines, args.passes, args.seed)?;
     if json {
         println!(
             "{}",
