@@ -8,12 +8,18 @@ const HOST_GGML_VAR: &str = "OFFLOAD_ENGINE_GGML_DIR";
 /// `static`: link the host ggml's static libraries into this crate (for Rust programs, such
 /// as the fuzz targets, that have no C++ host to supply ggml at their final link).
 const HOST_GGML_LINK_VAR: &str = "OFFLOAD_ENGINE_GGML_LINK";
+/// The host ggml's source tree (the directory holding `src/ggml-backend-impl.h`), for the
+/// buffer type the llama.cpp drop-in implements. Without it that drop-in is left out.
+const HOST_GGML_SRC_VAR: &str = "OFFLOAD_ENGINE_GGML_SRC";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=vendor/ggml_api.h");
     println!("cargo:rerun-if-env-changed={HOST_GGML_VAR}");
     println!("cargo:rerun-if-env-changed={HOST_GGML_LINK_VAR}");
+    println!("cargo:rerun-if-env-changed={HOST_GGML_SRC_VAR}");
+    println!("cargo:rerun-if-changed=vendor/ggml_backend_impl.h");
+    println!("cargo::rustc-check-cfg=cfg(offload_engine_backend_impl)");
 
     let vendored = env::var_os("CARGO_FEATURE_VENDORED_GGML").is_some();
     let host_dir = env::var_os(HOST_GGML_VAR).map(PathBuf::from);
@@ -35,6 +41,10 @@ fn main() {
         include_dir.display()
     );
     generate_bindings(&include_dir);
+    generate_backend_impl_bindings(
+        &include_dir,
+        ggml_source_dir(&include_dir, host_dir.as_deref()),
+    );
     // A SONAME, so that hosts linking the shared library record its name, not the path it
     // was linked from, and find it through their rpath or the loader's search path.
     if env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux") {
@@ -121,4 +131,78 @@ fn generate_bindings(include_dir: &Path) {
     bindings
         .write_to_file(&out)
         .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
+}
+
+/// ggml's source tree: the pinned package records it in its CMake cache; a host names its own.
+fn ggml_source_dir(include_dir: &Path, host_dir: Option<&Path>) -> Option<PathBuf> {
+    if host_dir.is_some() {
+        return env::var_os(HOST_GGML_SRC_VAR).map(PathBuf::from);
+    }
+    // <prefix>/include -> <prefix>/build/CMakeCache.txt (the cmake crate's layout).
+    let cache = include_dir.parent()?.join("build").join("CMakeCache.txt");
+    let text = std::fs::read_to_string(cache).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("ggml_SOURCE_DIR:STATIC="))
+        .map(PathBuf::from)
+}
+
+/// The version ggml's CMakeLists.txt declares, "MAJOR.MINOR.PATCH".
+fn ggml_source_version(source: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(source.join("CMakeLists.txt")).ok()?;
+    let part = |name: &str| {
+        text.lines().find_map(|line| {
+            line.trim()
+                .strip_prefix(&format!("set({name} "))
+                .and_then(|rest| rest.strip_suffix(')'))
+                .map(|v| v.trim().to_string())
+        })
+    };
+    Some(format!(
+        "{}.{}.{}",
+        part("GGML_VERSION_MAJOR")?,
+        part("GGML_VERSION_MINOR")?,
+        part("GGML_VERSION_PATCH")?
+    ))
+}
+
+/// Bindings to ggml's backend implementation interface (buffer types and buffers), which is
+/// internal to ggml and changes between versions: the drop-in checks at run time that the
+/// ggml it runs with has the version these bindings were made from.
+fn generate_backend_impl_bindings(include_dir: &Path, source: Option<PathBuf>) {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("ggml_impl_bindings.rs");
+    let Some(source) = source.filter(|s| s.join("src/ggml-backend-impl.h").is_file()) else {
+        println!(
+            "cargo:warning=ggml-backend-impl.h not found (set {HOST_GGML_SRC_VAR} to the host \
+             ggml's source tree): the llama.cpp drop-in is left out of this build"
+        );
+        let _ = std::fs::remove_file(&out);
+        return;
+    };
+    let version = ggml_source_version(&source).unwrap_or_else(|| {
+        fail(&format!(
+            "no GGML_VERSION_* in {}",
+            source.join("CMakeLists.txt").display()
+        ))
+    });
+    let bindings = bindgen::Builder::default()
+        .header("vendor/ggml_backend_impl.h")
+        .clang_arg(format!("-I{}", include_dir.display()))
+        .clang_arg(format!("-I{}", source.join("src").display()))
+        .allowlist_type("ggml_backend_buffer_i")
+        .allowlist_type("ggml_backend_buffer_type_i")
+        .allowlist_type("ggml_backend_buffer_type")
+        .allowlist_type("ggml_backend_buffer")
+        .allowlist_function("ggml_backend_buffer_init")
+        // Everything these name (tensors, enums) comes from the main bindings.
+        .allowlist_recursively(false)
+        .prepend_enum_name(false)
+        .layout_tests(false)
+        .generate_comments(false)
+        .generate()
+        .unwrap_or_else(|e| fail(&format!("bindgen failed on ggml-backend-impl.h: {e}")));
+    bindings
+        .write_to_file(&out)
+        .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
+    println!("cargo:rustc-cfg=offload_engine_backend_impl");
+    println!("cargo:rustc-env=OFFLOAD_ENGINE_GGML_BUILD_VERSION={version}");
 }

@@ -38,6 +38,7 @@
 #ifndef OFFLOAD_ENGINE_H
 #define OFFLOAD_ENGINE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -49,6 +50,7 @@ struct ggml_tensor;
 struct ggml_context;
 struct ggml_backend;
 struct ggml_cgraph;
+struct ggml_backend_buffer_type;
 
 /* ---------------------------------------------------------------------------------------
  * Status, errors, version, logging
@@ -276,6 +278,34 @@ int offload_engine_plan_layer_resident(const offload_engine_plan *plan, uint64_t
 
 /* Human-readable explanation of the plan; valid until the plan is freed ("" for a bad handle). */
 const char *offload_engine_plan_message(const offload_engine_plan *plan);
+
+/* Stream or compute on the CPU? For a language model's `overflow_bytes` of weights that do
+ * not fit on the device, one pass of `tokens_per_pass` tokens either copies them over the
+ * link and computes on the device, or computes them on the CPU where they are (llama.cpp's
+ * -ngl with fewer layers on the device). Each weight costs 2 flops per token; the CPU side
+ * is bound by host memory bandwidth or host flops, whichever is slower. Decode (1 token)
+ * over PCIe usually favours the CPU, prefill (hundreds of tokens) streaming. */
+typedef struct offload_engine_advice_params {
+    size_t size;
+    uint64_t overflow_bytes;
+    double bits_per_weight;   /* of the overflowing weights, block scales included (default 4.5: Q4_K) */
+    uint32_t tokens_per_pass; /* 1: decode (default); the ubatch size: prefill */
+    const char *link;         /* as offload_engine_plan_params; NULL: pcie4-x16 */
+    double link_gbps;
+    double host_memory_gbps;  /* default 60 (dual-channel DDR5, sustained) */
+    double host_gflops;       /* default 500 */
+    double device_gflops;     /* default 50000 */
+} offload_engine_advice_params;
+
+typedef struct offload_engine_advice {
+    size_t size;        /* set to sizeof(offload_engine_advice) before the call */
+    int prefer_cpu;     /* 1: compute the overflow on the CPU; 0: stream it */
+    double stream_seconds; /* one pass, streaming (copies not overlapped: the conservative side) */
+    double cpu_seconds;    /* one pass, on the CPU */
+} offload_engine_advice;
+
+void offload_engine_advice_params_init(offload_engine_advice_params *params);
+int offload_engine_advise(const offload_engine_advice_params *params, offload_engine_advice *advice_out);
 
 /* ---------------------------------------------------------------------------------------
  * Engine: streaming on a ggml device
@@ -553,6 +583,122 @@ int offload_engine_pipeline_stage_end(offload_engine_pipeline *pipeline, const c
 
 int offload_engine_pipeline_component_info(offload_engine_pipeline *pipeline, const char *name, offload_engine_component_info *info_out);
 int offload_engine_pipeline_get_stats(offload_engine_pipeline *pipeline, offload_engine_pipeline_stats *stats_out);
+
+/* ---------------------------------------------------------------------------------------
+ * llama.cpp drop-in: streams an unmodified llama.cpp's layers (docs/LLAMA_CPP.md)
+ *
+ * Three of llama.cpp's public hooks, no patch to llama.cpp or ggml:
+ *  1. offload_engine_llama_new reads the model file and plans it (an impossible budget is
+ *     ERR_INSUFFICIENT_MEMORY here, before llama.cpp allocates anything). Give llama.cpp the
+ *     hook's buffer type for every tensor: llama_model_params.tensor_buft_overrides =
+ *     { {".*", buft}, {NULL, NULL} }. llama.cpp then creates and loads the weights in
+ *     host memory from that type (pinned where the device has pinned memory).
+ *  2. offload_engine_llama_adopt, after llama_model_load_from_file and before
+ *     llama_init_from_model, places the model on the device: the global tensors and the
+ *     resident layers at fixed places of a device arena, each streamed layer at a fixed slot
+ *     ("parked": its tensors point into the arena from now on, so the scheduler that
+ *     llama_init_from_model makes runs their ops on the device).
+ *  3. For each context, offload_engine_llama_context_new gives the user data for
+ *     llama_context_params.cb_eval = offload_engine_llama_eval. The callback ends each layer
+ *     at its output node (l_out-N) and begins the next, whose weights were copied ahead.
+ *     A pass is one ubatch (prefill) or one token (decode).
+ *
+ * Teardown: llama_free(ctx) and offload_engine_llama_context_free for each context, then
+ * offload_engine_llama_detach (the tensors point home again), llama_model_free,
+ * offload_engine_llama_free. If llama_model_free comes before detach, the engine detaches
+ * then. offload_engine_llama_free may come at any time after detach: the buffer type lives
+ * on while llama.cpp's buffers do.
+ *
+ * Outputs are bit-identical to llama.cpp with every weight resident on the same device and
+ * the same buffer kinds: run the reference with use_extra_bufts = false too (the engine's
+ * arena holds weights in ggml's plain layout, not the CPU's repacked one).
+ *
+ * Version coupling: the buffer type is built on ggml's internal buffer interface
+ * (ggml-backend-impl.h), which may change in any ggml version. offload_engine_llama_new
+ * refuses (ERR_UNSUPPORTED) a ggml other than the one this library was built against.
+ *
+ * Threads: the contexts of one model must compute graphs one at a time (a second context's
+ * graph while one runs is a sticky ERR_INVALID_STATE on it). The callback runs on the thread
+ * that calls llama_decode. Hook calls made while a graph step holds the engine (from the log
+ * callback) are ERR_INVALID_STATE.
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct offload_engine_llama offload_engine_llama;
+typedef struct offload_engine_llama_context offload_engine_llama_context;
+
+typedef struct offload_engine_llama_params {
+    size_t size;
+    const char *device;      /* ggml device name; NULL: first GPU, else CPU */
+    uint64_t budget_bytes;   /* device memory for the weights and llama.cpp's reserves below; 0: measured free memory */
+    uint64_t min_free_bytes; /* kept free when measuring (default 512 MiB) */
+    double safety_fraction;  /* of measured free memory (default 0.90) */
+    uint32_t prefetch_depth; /* layers copied ahead (default 1) */
+    int trace;               /* non-zero: record a timeline for offload_engine_llama_trace_write */
+    /* llama.cpp's own device memory next to the weights. UINT64_MAX (the default): estimated
+     * from the model's hyperparameters with n_ctx and n_ubatch (docs/LLAMA_CPP.md). */
+    uint64_t compute_reserve_bytes;
+    uint64_t kv_cache_bytes;
+    uint32_t n_ctx;    /* the contexts' n_ctx, for the estimate (default 4096) */
+    uint32_t n_ubatch; /* the contexts' n_ubatch, for the estimate (default 512) */
+    /* Non-zero: every layer streams from the model file and no weight is held in host
+     * memory (the disk tier). Use llama.cpp's mmap loading with it, or the load writes the
+     * weights into host memory once before adopt gives it back. */
+    int file_backed;
+    /* Regex with one capture group, the layer index, matching the graph node that ends a
+     * layer; NULL: "^l_out-(\d+)$", which is what most llama.cpp architectures name it.
+     * Those that name no l_out node are refused without one (ERR_UNSUPPORTED). */
+    const char *layer_output_pattern;
+    const char *tensor_pattern; /* built-in name or regex grouping tensors into layers; NULL: llama_gguf (blk.N) */
+    const char *link;           /* for predicted times (as offload_engine_plan_params); NULL: pcie4-x16 */
+    double link_gbps;
+} offload_engine_llama_params;
+
+/* The signature of ggml's ggml_backend_sched_eval_callback. */
+typedef bool (*offload_engine_llama_eval_fn)(struct ggml_tensor *tensor, bool ask, void *user_data);
+
+void offload_engine_llama_params_init(offload_engine_llama_params *params);
+
+/* Reads the GGUF file at `model_path` (no tensor data), checks the architecture and ggml
+ * version, measures the device once and plans. */
+int offload_engine_llama_new(const offload_engine_llama_params *params, const char *model_path, offload_engine_llama **hook_out);
+void offload_engine_llama_free(offload_engine_llama *hook);
+
+/* The hook's buffer type, for tensor_buft_overrides. Valid until offload_engine_llama_free
+ * and the last llama.cpp buffer made from it are both gone. */
+int offload_engine_llama_buffer_type(offload_engine_llama *hook, struct ggml_backend_buffer_type **buft_out);
+
+/* The plan: before adopt the one made from the file, after it the one carried out (equal
+ * for the same model and budget). Free it with offload_engine_plan_free. */
+int offload_engine_llama_plan(offload_engine_llama *hook, offload_engine_plan **plan_out);
+
+/* Places the loaded model on the device (see above). `plan_out` may be NULL. A second adopt
+ * is ERR_INVALID_STATE; so is adopt when llama.cpp created no tensor in the buffer type. */
+int offload_engine_llama_adopt(offload_engine_llama *hook, offload_engine_plan **plan_out);
+
+/* Points every tensor at its host memory again and frees the device arena. ERR_INVALID_STATE
+ * while a context object is live or when the model is not adopted. With file_backed the
+ * host memory holds no weights: free the model after. */
+int offload_engine_llama_detach(offload_engine_llama *hook);
+
+/* The engine's counters (passes = graphs computed). ERR_INVALID_STATE before adopt. */
+int offload_engine_llama_stats(offload_engine_llama *hook, offload_engine_stats *stats_out);
+int offload_engine_llama_trace_write(offload_engine_llama *hook, const char *path);
+
+/* A context object: pass it as cb_eval_user_data. `host_callback` (may be NULL) is an eval
+ * callback the host already had (imatrix, a debugger); it is asked about every node and its
+ * answers are honoured, with its own `host_user_data`. Free it after llama_free(ctx). */
+int offload_engine_llama_context_new(offload_engine_llama *hook, offload_engine_llama_eval_fn host_callback, void *host_user_data, offload_engine_llama_context **context_out);
+void offload_engine_llama_context_free(offload_engine_llama_context *context);
+
+/* OK, or the first error the callback met (sticky; last_error() gets its message): a model
+ * not adopted or detached, a failed copy, a graph that does not run layer by layer where its
+ * layer outputs say. Check it after llama_decode: a decode after which it is not OK may have
+ * read weights that were not in place. */
+int offload_engine_llama_context_status(offload_engine_llama_context *context);
+
+/* Set as llama_context_params.cb_eval, with a context object as cb_eval_user_data. With any
+ * other user data it changes nothing (logged once). */
+bool offload_engine_llama_eval(struct ggml_tensor *tensor, bool ask, void *user_data);
 
 #ifdef __cplusplus
 }

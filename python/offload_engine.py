@@ -32,6 +32,8 @@ __all__ = [
     "Pipeline",
     "ComponentInfo",
     "PipelineStats",
+    "LlamaHook",
+    "advise",
     "has_function",
     "plan",
     "status_str",
@@ -236,8 +238,55 @@ class _PipelineStats(ctypes.Structure):
     ]
 
 
+class _LlamaParams(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("device", ctypes.c_char_p),
+        ("budget_bytes", ctypes.c_uint64),
+        ("min_free_bytes", ctypes.c_uint64),
+        ("safety_fraction", ctypes.c_double),
+        ("prefetch_depth", ctypes.c_uint32),
+        ("trace", ctypes.c_int),
+        ("compute_reserve_bytes", ctypes.c_uint64),
+        ("kv_cache_bytes", ctypes.c_uint64),
+        ("n_ctx", ctypes.c_uint32),
+        ("n_ubatch", ctypes.c_uint32),
+        ("file_backed", ctypes.c_int),
+        ("layer_output_pattern", ctypes.c_char_p),
+        ("tensor_pattern", ctypes.c_char_p),
+        ("link", ctypes.c_char_p),
+        ("link_gbps", ctypes.c_double),
+    ]
+
+
+class _AdviceParams(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("overflow_bytes", ctypes.c_uint64),
+        ("bits_per_weight", ctypes.c_double),
+        ("tokens_per_pass", ctypes.c_uint32),
+        ("link", ctypes.c_char_p),
+        ("link_gbps", ctypes.c_double),
+        ("host_memory_gbps", ctypes.c_double),
+        ("host_gflops", ctypes.c_double),
+        ("device_gflops", ctypes.c_double),
+    ]
+
+
+class _Advice(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("prefer_cpu", ctypes.c_int),
+        ("stream_seconds", ctypes.c_double),
+        ("cpu_seconds", ctypes.c_double),
+    ]
+
+
 # The header's struct names, for checks against a C compiler's sizeof/offsetof.
 C_STRUCTS = {
+    "offload_engine_llama_params": _LlamaParams,
+    "offload_engine_advice_params": _AdviceParams,
+    "offload_engine_advice": _Advice,
     "offload_engine_registry_params": _RegistryParams,
     "offload_engine_tensor_info": _TensorInfo,
     "offload_engine_layer_info": _LayerInfo,
@@ -320,6 +369,21 @@ def _signatures():
         "offload_engine_plan_get_summary": (c_int, [handle, P(_PlanSummary)]),
         "offload_engine_plan_layer_resident": (c_int, [handle, u64, P(c_int)]),
         "offload_engine_plan_message": (text, [handle]),
+        "offload_engine_advice_params_init": (None, [P(_AdviceParams)]),
+        "offload_engine_advise": (c_int, [P(_AdviceParams), P(_Advice)]),
+        "offload_engine_llama_params_init": (None, [P(_LlamaParams)]),
+        "offload_engine_llama_new": (c_int, [P(_LlamaParams), text, P(handle)]),
+        "offload_engine_llama_free": (None, [handle]),
+        "offload_engine_llama_buffer_type": (c_int, [handle, P(handle)]),
+        "offload_engine_llama_plan": (c_int, [handle, P(handle)]),
+        "offload_engine_llama_adopt": (c_int, [handle, P(handle)]),
+        "offload_engine_llama_detach": (c_int, [handle]),
+        "offload_engine_llama_stats": (c_int, [handle, P(_Stats)]),
+        "offload_engine_llama_trace_write": (c_int, [handle, text]),
+        "offload_engine_llama_context_new": (c_int, [handle, handle, handle, P(handle)]),
+        "offload_engine_llama_context_free": (None, [handle]),
+        "offload_engine_llama_context_status": (c_int, [handle]),
+        "offload_engine_llama_eval": (ctypes.c_bool, [handle, ctypes.c_bool, handle]),
         "offload_engine_engine_params_init": (None, [P(_EngineParams)]),
         "offload_engine_engine_new": (c_int, [P(_EngineParams), handle, P(handle)]),
         "offload_engine_engine_free": (None, [handle]),
@@ -400,6 +464,17 @@ def _text(value):
 
 def _encode(value):
     return value.encode() if value is not None else None
+
+
+def _initialized(struct_type, init_function, **overrides):
+    """A params struct from the library's _init function, with the given fields set (None
+    keeps the library's default; strings are encoded)."""
+    params = struct_type()
+    getattr(_library(), init_function)(ctypes.byref(params))
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(params, name, _encode(value) if isinstance(value, str) else value)
+    return params
 
 
 def version():
@@ -721,6 +796,42 @@ def plan(
     return _take_plan(handle)
 
 
+def advise(
+    overflow_bytes,
+    bits_per_weight=None,
+    tokens_per_pass=1,
+    link=None,
+    link_gbps=None,
+    host_memory_gbps=None,
+    host_gflops=None,
+    device_gflops=None,
+):
+    """Stream `overflow_bytes` of a language model's weights, or compute them on the CPU
+    (llama.cpp -ngl)? One pass of `tokens_per_pass` tokens (1: decode; the ubatch: prefill);
+    unset figures take the library's defaults (offload_engine_advice_params_init). Returns
+    {"prefer": "cpu" or "stream", "stream_seconds", "cpu_seconds"}, the numbers
+    `offload-engine plan` prints."""
+    params = _initialized(
+        _AdviceParams,
+        "offload_engine_advice_params_init",
+        overflow_bytes=overflow_bytes,
+        tokens_per_pass=tokens_per_pass,
+        link=link,
+        bits_per_weight=bits_per_weight,
+        link_gbps=link_gbps,
+        host_memory_gbps=host_memory_gbps,
+        host_gflops=host_gflops,
+        device_gflops=device_gflops,
+    )
+    raw = _Advice(size=ctypes.sizeof(_Advice))
+    _check(_library().offload_engine_advise(ctypes.byref(params), ctypes.byref(raw)))
+    return {
+        "prefer": "cpu" if raw.prefer_cpu else "stream",
+        "stream_seconds": raw.stream_seconds,
+        "cpu_seconds": raw.cpu_seconds,
+    }
+
+
 # ---------------------------------------------------------------------------------------
 # Engines
 # ---------------------------------------------------------------------------------------
@@ -803,21 +914,18 @@ class Engine(_Handle):
         pinned_limit_bytes=None,
     ):
         lib = _library()
-        params = _EngineParams()
-        lib.offload_engine_engine_params_init(ctypes.byref(params))
-        params.device = _encode(device)
-        params.budget_bytes = budget_bytes
-        if min_free_bytes is not None:
-            params.min_free_bytes = min_free_bytes
-        if safety_fraction is not None:
-            params.safety_fraction = safety_fraction
-        if prefetch is not None:
-            params.prefetch_depth = prefetch
-        if compute_threads is not None:
-            params.compute_threads = compute_threads
-        params.trace = 1 if trace else 0
-        if pinned_limit_bytes is not None:
-            params.pinned_limit_bytes = pinned_limit_bytes
+        params = _initialized(
+            _EngineParams,
+            "offload_engine_engine_params_init",
+            device=device,
+            budget_bytes=budget_bytes,
+            min_free_bytes=min_free_bytes,
+            safety_fraction=safety_fraction,
+            prefetch_depth=prefetch,
+            compute_threads=compute_threads,
+            trace=1 if trace else 0,
+            pinned_limit_bytes=pinned_limit_bytes,
+        )
         # The engine works on its own copy of the registry: the layer count is fixed now.
         layer_count = registry.layer_count
         handle = ctypes.c_void_p()
@@ -1153,6 +1261,108 @@ _GGUF_ALIGNMENT = 32
 _GGUF_TYPE_UINT32 = 4
 _GGUF_TYPE_STRING = 8
 _GGML_F32 = 0
+
+
+# ---------------------------------------------------------------------------------------
+# llama.cpp drop-in
+# ---------------------------------------------------------------------------------------
+
+# "Estimate it from the model" for LlamaHook's reserves.
+ESTIMATE = (1 << 64) - 1
+
+
+class LlamaHook(_Handle):
+    """The llama.cpp drop-in's hook for one model file (offload_engine_llama_new): it reads
+    the file, plans it under the budget and offers the buffer type a llama.cpp host gives its
+    loader. Python runs no llama.cpp, so from here a hook is for planning (`plan()` is the
+    plan a host would get) and for checking the C ABI; see docs/LLAMA_CPP.md for hosts.
+
+    `compute_reserve_bytes` and `kv_cache_bytes` default to the library's estimates from the
+    model's hyperparameters with `n_ctx` and `n_ubatch`. An impossible budget raises
+    OffloadError(ERR_INSUFFICIENT_MEMORY) here."""
+
+    _free_function = "offload_engine_llama_free"
+    _kind = "llama hook"
+
+    def __init__(
+        self,
+        path,
+        device=None,
+        budget_bytes=0,
+        prefetch=None,
+        compute_reserve_bytes=ESTIMATE,
+        kv_cache_bytes=ESTIMATE,
+        n_ctx=None,
+        n_ubatch=None,
+        file_backed=False,
+        layer_output_pattern=None,
+        link=None,
+    ):
+        params = _initialized(
+            _LlamaParams,
+            "offload_engine_llama_params_init",
+            device=device,
+            budget_bytes=budget_bytes,
+            prefetch_depth=prefetch,
+            compute_reserve_bytes=compute_reserve_bytes,
+            kv_cache_bytes=kv_cache_bytes,
+            n_ctx=n_ctx,
+            n_ubatch=n_ubatch,
+            file_backed=1 if file_backed else 0,
+            layer_output_pattern=layer_output_pattern,
+            link=link,
+        )
+        handle = ctypes.c_void_p()
+        _check(_library().offload_engine_llama_new(ctypes.byref(params), os.fsencode(path), ctypes.byref(handle)))
+        self._handle = handle
+
+    def _call(self, name, *args):
+        _check(getattr(_library(), name)(self.handle, *args))
+
+    def plan(self):
+        """The plan summary (as plan() returns it)."""
+        plan_handle = ctypes.c_void_p()
+        self._call("offload_engine_llama_plan", ctypes.byref(plan_handle))
+        return _take_plan(plan_handle)
+
+    def buffer_type(self):
+        """The ggml buffer type's address, for a host's tensor_buft_overrides."""
+        buft = ctypes.c_void_p()
+        self._call("offload_engine_llama_buffer_type", ctypes.byref(buft))
+        return buft.value
+
+    def adopt(self):
+        """Places the loaded model (needs llama.cpp to have loaded it from buffer_type())."""
+        self._call("offload_engine_llama_adopt", None)
+
+    def detach(self):
+        self._call("offload_engine_llama_detach")
+
+    def stats(self):
+        raw = _Stats(size=ctypes.sizeof(_Stats))
+        self._call("offload_engine_llama_stats", ctypes.byref(raw))
+        return _from_struct(Stats, raw)
+
+    def context(self):
+        """A context object (LlamaContext) for one llama_context's cb_eval_user_data."""
+        return LlamaContext(self)
+
+
+class LlamaContext(_Handle):
+    """offload_engine_llama_context: the eval callback's user data for one llama.cpp
+    context. `status()` raises the callback's sticky error, if any."""
+
+    _free_function = "offload_engine_llama_context_free"
+    _kind = "llama context"
+
+    def __init__(self, hook):
+        handle = ctypes.c_void_p()
+        _check(_library().offload_engine_llama_context_new(hook.handle, None, None, ctypes.byref(handle)))
+        self._handle = handle
+        self._hook = hook
+
+    def status(self):
+        _check(_library().offload_engine_llama_context_status(self.handle))
 
 
 def _gguf_string(text):

@@ -386,6 +386,14 @@ impl Buffer {
         self.size
     }
 
+    /// Marks the buffer as holding weights (ggml's scheduler then runs their ops here).
+    pub fn mark_as_weights(&self) {
+        // SAFETY: a live buffer we own.
+        unsafe {
+            sys::ggml_backend_buffer_set_usage(self.raw(), sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        };
+    }
+
     pub fn is_host(&self) -> bool {
         // SAFETY: valid buffer.
         unsafe { sys::ggml_backend_buffer_is_host(self.raw()) }

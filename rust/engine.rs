@@ -37,6 +37,9 @@ pub struct EngineParams {
     pub pinned_limit_bytes: Option<u64>,
     /// Built-in pattern name or user regex; `None` detects the architecture.
     pub pattern: Option<String>,
+    /// Parked placement (see `StreamConfig::parked`): streamed tensors point at their fixed
+    /// slot in the arena from placement until teardown, never at their host home.
+    pub park_streamed: bool,
 }
 
 impl Default for EngineParams {
@@ -51,6 +54,7 @@ impl Default for EngineParams {
             trace: false,
             pinned_limit_bytes: None,
             pattern: None,
+            park_streamed: false,
         }
     }
 }
@@ -353,24 +357,7 @@ impl Engine {
 
     /// The budget this engine plans with: the user's figure, else the device's free memory.
     pub fn budget(&self) -> Budget {
-        let free = self
-            .params
-            .budget_bytes
-            .unwrap_or_else(|| self.device.memory().0);
-        let mut budget = Budget::from_free(free);
-        budget.total_bytes = self.device.memory().1.max(free);
-        budget.min_free_bytes = if self.params.budget_bytes.is_some() {
-            0 // an explicit budget is what the user allows us, already net of headroom
-        } else {
-            self.params.min_free_bytes
-        };
-        budget.safety_fraction = if self.params.budget_bytes.is_some() {
-            1.0
-        } else {
-            self.params.safety_fraction
-        };
-        budget.compute_reserve_bytes = self.reserve_bytes;
-        budget
+        budget_for(&self.params, &self.device, self.reserve_bytes)
     }
 
     fn layer_images(&mut self) -> Result<(Vec<LayerImage>, LayerImage)> {
@@ -402,15 +389,20 @@ impl Engine {
                             bytes: entry.bytes,
                         })
                     }
-                    // Disk tier: no host copy; between uses the tensor has no data at all.
-                    Source::GgmlFile { tensor, file, offset } => Ok(TensorPlace {
-                        tensor,
-                        home_data: std::ptr::null_mut(),
-                        source: TensorSource::File { file, offset },
-                        home_buffer: std::ptr::null_mut(),
-                        offset: 0,
-                        bytes: entry.bytes,
-                    }),
+                    // Disk tier: copies read the file. The home is whatever the tensor had
+                    // (nothing, for a no_alloc context's tensor).
+                    Source::GgmlFile { tensor, file, offset } => {
+                        // SAFETY: as above.
+                        let t = unsafe { &*tensor };
+                        Ok(TensorPlace {
+                            tensor,
+                            home_data: t.data,
+                            source: TensorSource::File { file, offset },
+                            home_buffer: t.buffer,
+                            offset: 0,
+                            bytes: entry.bytes,
+                        })
+                    }
                     _ => Err(Error::new(
                         Status::Unsupported,
                         format!(
@@ -484,6 +476,7 @@ impl Engine {
             resident.push(true);
             // The plan may have shrunk the ring to fit; prefetch as deep as the slots allow.
             let config = StreamConfig {
+                parked: self.params.park_streamed,
                 staging,
                 prefetch_depth: plan.prefetch_depth(workload.prefetch_depth),
                 trace: self.trace.clone(),
@@ -720,6 +713,25 @@ impl Engine {
 /// a mapping it made), the engine's staging copies, and for file-backed layers bound for
 /// device memory one bounce buffer of a slot. File-backed layers cost nothing more: the file
 /// is their home. On a host-visible device the arena itself is host memory too.
+/// The budget an engine with `params` on `device` plans with, the device's memory measured
+/// now: the user's figure (already net of headroom), else free memory less the margins;
+/// `reserve_bytes` of it are the host's (compute buffers, KV cache).
+pub fn budget_for(params: &EngineParams, device: &Device, reserve_bytes: u64) -> Budget {
+    let (free_now, total) = device.memory();
+    let free = params.budget_bytes.unwrap_or(free_now);
+    let mut budget = Budget::from_free(free);
+    budget.total_bytes = total.max(free);
+    let explicit = params.budget_bytes.is_some();
+    budget.min_free_bytes = if explicit { 0 } else { params.min_free_bytes };
+    budget.safety_fraction = if explicit {
+        1.0
+    } else {
+        params.safety_fraction
+    };
+    budget.compute_reserve_bytes = reserve_bytes;
+    budget
+}
+
 fn host_memory_bytes(
     images: &[LayerImage],
     global: &LayerImage,

@@ -7,3 +7,16 @@
 )]
 #![allow(clippy::all)]
 include!(concat!(env!("OUT_DIR"), "/ggml_bindings.rs"));
+
+/// ggml's backend implementation interface (`ggml-backend-impl.h`): the layouts of buffer
+/// types and buffers, which ggml keeps internal and may change in any version. Only the
+/// llama.cpp drop-in's home buffer type uses them, after checking that the running ggml has
+/// the version they were generated from (`GGML_BUILD_VERSION`).
+#[cfg(offload_engine_backend_impl)]
+pub mod backend_impl {
+    use super::*;
+    include!(concat!(env!("OUT_DIR"), "/ggml_impl_bindings.rs"));
+
+    /// The ggml version whose sources these bindings were generated from.
+    pub const GGML_BUILD_VERSION: &str = env!("OFFLOAD_ENGINE_GGML_BUILD_VERSION");
+}

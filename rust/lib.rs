@@ -10,6 +10,7 @@ pub mod ffi;
 pub mod ggml;
 pub mod gguf;
 pub mod layout;
+pub mod llama;
 pub mod log;
 pub mod patterns;
 pub mod pipeline;

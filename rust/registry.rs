@@ -569,6 +569,33 @@ impl Registry {
         })
     }
 
+    /// Registers a host tensor whose data also lies at `offset` of registered file `file`:
+    /// the engine reads it from there (disk tier) and its host memory holds nothing needed.
+    ///
+    /// # Safety
+    /// As `add_ggml_tensor`.
+    pub unsafe fn add_ggml_tensor_in_file(
+        &mut self,
+        tensor: *mut crate::ggml::ggml_tensor,
+        name: &str,
+        file: u32,
+        offset: u64,
+    ) -> Result<TensorId> {
+        if self.files.get(file as usize).is_none() {
+            return Err(Error::not_found(format!("no registered file {file}")));
+        }
+        // SAFETY: forwarded caller guarantee.
+        let id = unsafe { self.add_ggml_tensor(tensor, Some(name))? };
+        let entry = &mut self.tensors[id.index()];
+        entry.source = Source::GgmlFile {
+            tensor,
+            file,
+            offset,
+        };
+        entry.location = Location::File;
+        Ok(id)
+    }
+
     /// Registers every tensor of a host context (as `add_ggml_tensor`); all or nothing.
     ///
     /// # Safety
@@ -761,10 +788,16 @@ impl Registry {
     /// Registers a model file without its tensors (their descriptors come from elsewhere);
     /// returns its number for `Source::GgmlFile`. Its stamp is taken now, when it exists.
     pub fn add_file(&mut self, path: &Path) -> Result<u32> {
-        self.check_not_frozen("register files")?;
         let stamp = std::fs::metadata(path)
             .ok()
             .map(|m| gguf::FileStamp::of(&m));
+        self.add_stamped_file(path, stamp)
+    }
+
+    /// As `add_file`, with the stamp taken when the file was read (streaming refuses a file
+    /// that changed since).
+    pub fn add_stamped_file(&mut self, path: &Path, stamp: Option<gguf::FileStamp>) -> Result<u32> {
+        self.check_not_frozen("register files")?;
         self.files.push(ModelFile {
             path: path.to_path_buf(),
             stamp,

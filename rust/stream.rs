@@ -391,6 +391,12 @@ pub struct StreamConfig {
     /// The engine's timeline: shared by its successive placements, so one trace file
     /// covers a whole job even when a pipeline moves the engine off and on the device.
     pub trace: Trace,
+    /// Parked placement: a streamed layer owns one fixed slot (its position in the stream
+    /// order modulo the slot count) and its tensors point there from the start, also while
+    /// the slot holds another layer; they never point home again until teardown. For hosts
+    /// that resolve weight addresses or buffers before the layer runs (llama.cpp's scheduler
+    /// splits the graph by the weights' buffers when a context is made).
+    pub parked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,6 +428,7 @@ pub struct Streamer {
     compute_backend: Option<sys::ggml_backend_t>,
     cursor: usize,
     in_pass: bool,
+    parked: bool,
     open: LayerState,
     stats: StreamStats,
     pub trace: Trace,
@@ -494,6 +501,8 @@ impl Streamer {
         };
         let arena_bytes = offset.max(alignment) + io_alignment - 1;
         let arena = Arc::new(device.alloc(arena_bytes)?);
+        // Schedulers (ggml's) run an op where its weights live when their buffer says so.
+        arena.mark_as_weights();
         let host_visible = arena.is_host();
         let shift = (arena.base() as u64).next_multiple_of(io_alignment) - arena.base() as u64;
         for place in resident_offset
@@ -615,6 +624,7 @@ impl Streamer {
             compute_backend,
             cursor: 0,
             in_pass: false,
+            parked: config.parked,
             open: LayerState::Idle,
             stats,
             trace,
@@ -623,6 +633,12 @@ impl Streamer {
         if let Err(err) = streamer.load_resident() {
             streamer.shutdown();
             return Err(err);
+        }
+        if streamer.parked {
+            for &layer in &streamer.stream_order {
+                let slot = streamer.fixed_slot(layer).expect("a streamed layer");
+                streamer.redirect(layer, streamer.slot_offsets[slot]);
+            }
         }
         // The first streamed layers start copying now, not at the first pass: whatever the
         // host does before it (another component's stage) overlaps them.
@@ -737,8 +753,19 @@ impl Streamer {
         self.arena.is_host()
     }
 
+    /// The arena's ggml buffer (what placed tensors' `buffer` points at).
+    pub fn arena_buffer(&self) -> sys::ggml_backend_buffer_t {
+        self.arena.raw()
+    }
+
     pub fn arena_bytes(&self) -> u64 {
         self.arena.size()
+    }
+
+    /// In parked placement, the one slot a streamed layer is ever loaded into.
+    fn fixed_slot(&self, layer: usize) -> Option<usize> {
+        let position = self.position_in_order[layer]?;
+        (self.parked && !self.slot_offsets.is_empty()).then(|| position % self.slot_offsets.len())
     }
 
     fn micros_since_epoch(&self, t: Instant) -> u64 {
@@ -821,7 +848,12 @@ impl Streamer {
             if shared.slots.iter().any(|s| s.layer() == Some(candidate)) {
                 continue;
             }
-            let Some(slot) = shared.slots.iter().position(|s| *s == SlotState::Free) else {
+            let free = match self.fixed_slot(candidate) {
+                // In order: a layer whose slot is still taken holds back the ones after it.
+                Some(fixed) => (shared.slots[fixed] == SlotState::Free).then_some(fixed),
+                None => shared.slots.iter().position(|s| *s == SlotState::Free),
+            };
+            let Some(slot) = free else {
                 return;
             };
             self.queue_load(shared, slot, candidate, false);
@@ -908,7 +940,19 @@ impl Streamer {
                     "layer {layer} ({}): not prefetched, loading now",
                     self.layers[layer].name
                 );
+                let fixed = self.fixed_slot(layer);
                 let slot = loop {
+                    if let Some(fixed) = fixed {
+                        // Its own slot only: free, or holding a prefetch not needed now.
+                        match shared.slots[fixed] {
+                            SlotState::Free | SlotState::Ready(_) | SlotState::Failed(_) => {
+                                break fixed
+                            }
+                            SlotState::Loading(_) | SlotState::InUse(_) => {}
+                        }
+                        shared = sync.changed.wait(shared).unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    }
                     if let Some(free) = shared.slots.iter().position(|s| *s == SlotState::Free) {
                         break free;
                     }
@@ -991,7 +1035,9 @@ impl Streamer {
             if let (Some(events), Some(backend)) = (&self.compute_done, self.compute_backend) {
                 events[slot].record(&Backend::borrowed(backend)?);
             }
-            self.restore(layer);
+            if !self.parked {
+                self.restore(layer);
+            }
             let mut shared = self.sync.lock();
             shared.slots[slot] = SlotState::Free;
             self.schedule(&mut shared);
@@ -1001,7 +1047,8 @@ impl Streamer {
         Ok(())
     }
 
-    /// Waits for in-flight copies, then points every streamed layer back at its host home.
+    /// Waits for in-flight copies, then points every streamed layer back at its host home
+    /// (parked layers stay parked).
     pub fn offload_all(&mut self) {
         let sync = self.sync.clone();
         let mut shared = sync.lock();
@@ -1021,9 +1068,11 @@ impl Streamer {
             *slot = SlotState::Free;
         }
         drop(shared);
-        for layer in 0..self.layers.len() {
-            if !self.is_resident(layer) {
-                self.restore(layer);
+        if !self.parked {
+            for layer in 0..self.layers.len() {
+                if !self.is_resident(layer) {
+                    self.restore(layer);
+                }
             }
         }
         self.open = LayerState::Idle;

@@ -49,6 +49,27 @@ pub struct StatsC {
     pub prefetch_unused_bytes: u64,
 }
 
+impl From<&crate::stream::StreamStats> for StatsC {
+    fn from(s: &crate::stream::StreamStats) -> StatsC {
+        StatsC {
+            size: std::mem::size_of::<StatsC>(),
+            passes: s.passes,
+            layer_loads: s.layer_loads,
+            bytes_copied: s.bytes_copied,
+            copy_us: s.copy_us,
+            wait_us: s.wait_us,
+            compute_us: s.compute_us,
+            prefetch_hits: s.prefetch_hits,
+            prefetch_misses: s.prefetch_misses,
+            arena_bytes: s.arena_bytes,
+            arena_peak_bytes: s.arena_peak_bytes,
+            placement_bytes: s.placement_bytes,
+            streamed_bytes: s.streamed_bytes,
+            prefetch_unused_bytes: s.prefetch_unused_bytes,
+        }
+    }
+}
+
 #[repr(C)]
 pub struct LayerStatsC {
     pub size: usize,
@@ -127,6 +148,7 @@ pub extern "C" fn offload_engine_engine_new(
             trace: p.trace != 0,
             pinned_limit_bytes: (p.pinned_limit_bytes != u64::MAX).then_some(p.pinned_limit_bytes),
             pattern: None,
+            park_streamed: false,
         };
         let registry = with_registry(registry_handle, |state| Ok(state.registry.clone()))?;
         let engine = Engine::with_registry(params, registry)?;
@@ -234,23 +256,7 @@ pub extern "C" fn offload_engine_engine_stats(
     boundary(|| {
         with_engine(handle, |e| {
             let slot = result_slot(stats_out, "stats")?;
-            let s = e.stats()?;
-            *slot = StatsC {
-                size: std::mem::size_of::<StatsC>(),
-                passes: s.passes,
-                layer_loads: s.layer_loads,
-                bytes_copied: s.bytes_copied,
-                copy_us: s.copy_us,
-                wait_us: s.wait_us,
-                compute_us: s.compute_us,
-                prefetch_hits: s.prefetch_hits,
-                prefetch_misses: s.prefetch_misses,
-                arena_bytes: s.arena_bytes,
-                arena_peak_bytes: s.arena_peak_bytes,
-                placement_bytes: s.placement_bytes,
-                streamed_bytes: s.streamed_bytes,
-                prefetch_unused_bytes: s.prefetch_unused_bytes,
-            };
+            *slot = StatsC::from(&e.stats()?);
             Ok(())
         })
     })

@@ -19,6 +19,8 @@ pub(crate) enum Kind {
     Engine,
     Plan,
     Pipeline,
+    Llama,
+    LlamaContext,
 }
 
 static LIVE: Lazy<Mutex<HashSet<(usize, Kind)>>> = Lazy::new(Mutex::default);

@@ -15,12 +15,14 @@ use crate::error::{Error, Status};
 pub(crate) mod boundary;
 mod engine;
 pub(crate) mod handles;
+mod llama;
 mod pipeline;
 mod plan;
 mod registry;
 mod staged;
 
 pub use engine::*;
+pub use llama::*;
 pub use pipeline::*;
 pub use plan::*;
 pub use registry::*;

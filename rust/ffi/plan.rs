@@ -203,3 +203,81 @@ pub extern "C" fn offload_engine_plan_message(plan: *const PlanHandle) -> *const
     });
     result
 }
+
+sized_structs!(AdviceParams, AdviceC);
+
+#[repr(C)]
+pub struct AdviceParams {
+    pub size: usize,
+    pub overflow_bytes: u64,
+    pub bits_per_weight: f64,
+    pub tokens_per_pass: u32,
+    pub link: *const c_char,
+    pub link_gbps: f64,
+    pub host_memory_gbps: f64,
+    pub host_gflops: f64,
+    pub device_gflops: f64,
+}
+
+#[repr(C)]
+pub struct AdviceC {
+    pub size: usize,
+    pub prefer_cpu: c_int,
+    pub stream_seconds: f64,
+    pub cpu_seconds: f64,
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_advice_params_init(params: *mut AdviceParams) {
+    boundary_void(|| {
+        if let Ok(p) = out(params, "params") {
+            let machine = planner::Machine::default();
+            *p = AdviceParams {
+                size: std::mem::size_of::<AdviceParams>(),
+                overflow_bytes: 0,
+                bits_per_weight: 4.5,
+                tokens_per_pass: 1,
+                link: std::ptr::null(),
+                link_gbps: 0.0,
+                host_memory_gbps: machine.host_memory_bandwidth / 1e9,
+                host_gflops: machine.host_flops / 1e9,
+                device_gflops: machine.device_flops / 1e9,
+            };
+        }
+    });
+}
+
+#[no_mangle]
+pub extern "C" fn offload_engine_advise(
+    params: *const AdviceParams,
+    advice_out: *mut AdviceC,
+) -> c_int {
+    boundary(|| {
+        let p = input(params, "advice params")?;
+        let slot = result_slot(advice_out, "advice")?;
+        let link = if p.link_gbps != 0.0 {
+            Link::from_gbps(p.link_gbps)?
+        } else {
+            Link::named(optional_text(p.link, "link")?.unwrap_or("pcie4-x16"))?
+        };
+        let machine = planner::Machine {
+            host_memory_bandwidth: p.host_memory_gbps * 1e9,
+            host_flops: p.host_gflops * 1e9,
+            device_flops: p.device_gflops * 1e9,
+        };
+        let advice = planner::advise_llm(
+            p.overflow_bytes,
+            p.bits_per_weight,
+            p.tokens_per_pass,
+            &link,
+            &machine,
+        )?;
+        *slot = AdviceC {
+            size: std::mem::size_of::<AdviceC>(),
+            prefer_cpu: c_int::from(advice.prefer == "cpu"),
+            stream_seconds: advice.stream_seconds,
+            cpu_seconds: advice.cpu_seconds,
+        };
+        Ok(())
+    })
+}

@@ -298,6 +298,68 @@ pub fn advise(
     })
 }
 
+/// Language-model inputs of `advise`: the host's and the device's speeds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Host memory bandwidth in bytes per second (the CPU reads overflowing weights there).
+    pub host_memory_bandwidth: f64,
+    /// Host compute in flops per second (quantized matrix-vector products, not peak).
+    pub host_flops: f64,
+    /// Device compute in flops per second.
+    pub device_flops: f64,
+}
+
+impl Default for Machine {
+    /// Dual-channel DDR5 (the link table's 60 GB/s), 0.5 TFLOPS of CPU compute (a desktop
+    /// CPU's sustained quantized matmul), 50 TFLOPS of device compute (a consumer GPU).
+    fn default() -> Self {
+        Machine {
+            host_memory_bandwidth: 60e9,
+            host_flops: 0.5e12,
+            device_flops: 50e12,
+        }
+    }
+}
+
+/// A batch of at most this many tokens leaves matrix products bandwidth-bound.
+const BANDWIDTH_BOUND_TOKENS: u32 = 8;
+
+/// `advise` for a language model: `overflow_bytes` of weights at `bits_per_weight`, each
+/// weight used for 2 flops per token of a pass of `tokens_per_pass` tokens (1: decode; the
+/// ubatch: prefill). "cpu" means computing those layers where they are, in host memory
+/// (llama.cpp's `-ngl` with fewer layers on the device); "stream" means the engine.
+pub fn advise_llm(
+    overflow_bytes: u64,
+    bits_per_weight: f64,
+    tokens_per_pass: u32,
+    link: &Link,
+    machine: &Machine,
+) -> Result<Advice> {
+    if !(bits_per_weight.is_finite() && bits_per_weight > 0.0 && bits_per_weight <= 64.0) {
+        return Err(Error::invalid(format!(
+            "advise: bits per weight must be in (0, 64], got {bits_per_weight}"
+        )));
+    }
+    if tokens_per_pass == 0 {
+        return Err(Error::invalid("advise: tokens per pass must be at least 1"));
+    }
+    let flops_per_byte = 2.0 * f64::from(tokens_per_pass) * 8.0 / bits_per_weight;
+    let regime = if tokens_per_pass <= BANDWIDTH_BOUND_TOKENS {
+        Regime::BandwidthBound
+    } else {
+        Regime::ComputeBound
+    };
+    advise(
+        overflow_bytes,
+        link,
+        machine.host_memory_bandwidth,
+        machine.host_flops,
+        machine.device_flops,
+        flops_per_byte,
+        regime,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,6 +448,27 @@ mod tests {
         // Stream: 0.5 s copy + 24.6e12/50e12 = 0.49 s; CPU: 24.6e12/1e12 = 24.6 s.
         assert_eq!(advice.prefer, "stream", "{}", advice.reason);
         assert!(advice.cpu_seconds > 20.0 && advice.stream_seconds < 1.1);
+    }
+
+    #[test]
+    fn llm_decode_prefers_cpu_and_prefill_streams_on_pcie4_with_ddr5() {
+        // 4 GB of Q4_K (4.5 bits): decode reads each byte once for 3.6 flops.
+        let pcie4 = Link::named("pcie4-x16").unwrap();
+        let machine = Machine::default();
+        let decode = advise_llm(4_000_000_000, 4.5, 1, &pcie4, &machine).unwrap();
+        // Stream: 4/24 s = 0.167 s copy; CPU: 4/60 s = 0.067 s.
+        assert_eq!(decode.prefer, "cpu", "{}", decode.reason);
+        assert!(
+            (decode.cpu_seconds - 4.0 / 60.0).abs() < 1e-3,
+            "{}",
+            decode.cpu_seconds
+        );
+        let prefill = advise_llm(4_000_000_000, 4.5, 512, &pcie4, &machine).unwrap();
+        // CPU: 4e9 * 2 * 512 * 8 / 4.5 flops / 0.5e12 = 14.6 s; stream: 0.167 + 0.146 s.
+        assert_eq!(prefill.prefer, "stream", "{}", prefill.reason);
+        assert!(prefill.cpu_seconds > 14.0 && prefill.stream_seconds < 0.4);
+        assert!(advise_llm(1, 0.0, 1, &pcie4, &machine).is_err());
+        assert!(advise_llm(1, 4.5, 0, &pcie4, &machine).is_err());
     }
 
     #[test]

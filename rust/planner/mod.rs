@@ -13,7 +13,7 @@ pub mod link;
 pub mod schedule;
 
 pub use estimate::{Hparams, WeightType};
-pub use link::{advise, Advice, Link, LinkSpec, Regime};
+pub use link::{advise, advise_llm, Advice, Link, LinkSpec, Machine, Regime};
 pub use schedule::{
     simulate_belady, simulate_belady_with_slot, simulate_lru, static_traffic, Traffic,
 };

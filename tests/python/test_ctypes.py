@@ -750,5 +750,116 @@ class PipelineTest(ScratchTest):
         self.assertEqual(diffusion.prepare()["mode"], "full")
 
 
+class LlamaHookTest(ScratchTest):
+    """The llama.cpp drop-in's hook from Python: planning and its refusals (Python runs no
+    llama.cpp; tests/llama.rs runs the real thing)."""
+
+    def hook(self, path=None, **kwargs):
+        kwargs.setdefault("device", "CPU")
+        kwargs.setdefault("budget_bytes", 64 << 20)
+        kwargs.setdefault("compute_reserve_bytes", 0)
+        kwargs.setdefault("kv_cache_bytes", 0)
+        return offload_engine.LlamaHook(path or self.gguf, **kwargs)
+
+    def test_the_hooks_plan_is_the_command_lines(self):
+        budget = EMBEDDING_BYTES + 2 * LAYER_BYTES + 4096
+        with self.hook(budget_bytes=budget, prefetch=1) as hook:
+            from_hook = hook.plan()
+            self.assertEqual(from_hook["mode"], "streaming")
+            self.assertTrue(hook.buffer_type())
+        cli = os.environ.get("OFFLOAD_ENGINE_CLI")
+        if not cli:
+            self.skipTest("OFFLOAD_ENGINE_CLI (the offload-engine program) is not set")
+        out = subprocess.run(
+            [cli, "plan", self.gguf, "--budget", f"{budget}", "--prefetch", "1", "--json"],
+            check=True, capture_output=True, text=True,
+        )
+        from_cli = json.loads(out.stdout)
+        for key in ("slot_count", "slot_bytes", "arena_bytes", "bytes_per_pass", "placement_bytes",
+                    "resident_layers", "streamed_layers"):
+            self.assertEqual(from_hook[key], from_cli[key], key)
+
+    def test_estimated_reserves_shrink_what_the_weights_get(self):
+        with self.hook(budget_bytes=1 << 30) as exact:
+            usable = exact.plan()["usable_bytes"]
+        with offload_engine.LlamaHook(self.gguf, device="CPU", budget_bytes=1 << 30, n_ctx=64, n_ubatch=16) as estimated:
+            self.assertLessEqual(estimated.plan()["usable_bytes"], usable)
+
+    def test_refusals(self):
+        self.assertStatus(STATUS_INSUFFICIENT_MEMORY, self.hook, budget_bytes=IMPOSSIBLE_BUDGET)
+        bert = self.scratch_file("bert.gguf", gguf_file(
+            [(f"blk.{i}.attn_q.weight", LAYER_SHAPE, None) for i in range(2)], architecture="bert"))
+        error = self.assertStatus(STATUS_UNSUPPORTED, self.hook, bert)
+        self.assertIn("l_out", error.message)
+        # With a pattern naming bert's layer outputs, the hook is made.
+        with self.hook(bert, layer_output_pattern=r"^layer_out-(\d+)$") as hook:
+            self.assertEqual(hook.plan()["mode"], "full")
+        self.assertStatus(STATUS_INVALID_ARGUMENT, self.hook, layer_output_pattern="l_out-\\d+")
+        self.assertStatus(STATUS_INVALID_ARGUMENT, self.hook, layer_output_pattern="(unclosed")
+        self.assertStatus(STATUS_IO, self.hook, os.path.join(self.scratch.name, "missing.gguf"))
+        self.assertStatus(STATUS_CORRUPT_FILE, self.hook, self.scratch_file("junk.gguf", b"GGUF" + b"\xff" * 60))
+
+    def test_sequence_errors_before_llama_loads_anything(self):
+        with self.hook() as hook:
+            # llama.cpp created nothing in the buffer type: nothing to adopt.
+            error = self.assertStatus(STATUS_INVALID_STATE, hook.adopt)
+            self.assertIn("tensor_buft_overrides", error.message)
+            self.assertStatus(STATUS_INVALID_STATE, hook.detach)
+            self.assertStatus(STATUS_INVALID_STATE, hook.stats)
+            with hook.context() as context:
+                context.status()  # no graph ran yet
+                lib = offload_engine._library()
+                # A NULL node changes nothing; the answers are the neutral ones.
+                self.assertFalse(lib.offload_engine_llama_eval(None, True, context.handle))
+                self.assertTrue(lib.offload_engine_llama_eval(None, False, context.handle))
+                # Detach is refused while a context object lives (and the model is not adopted).
+                self.assertStatus(STATUS_INVALID_STATE, hook.detach)
+            lib = offload_engine._library()
+            # User data that is no context: neutral answers, no crash.
+            self.assertFalse(lib.offload_engine_llama_eval(None, True, None))
+            self.assertTrue(lib.offload_engine_llama_eval(None, False, ctypes.c_void_p(16)))
+        with self.assertRaises(ValueError):
+            hook.plan()
+
+    def test_null_and_stale_handles(self):
+        lib = offload_engine._library()
+        self.assertEqual(lib.offload_engine_llama_detach(None), STATUS_NULL_POINTER)
+        self.assertEqual(lib.offload_engine_llama_context_status(None), STATUS_NULL_POINTER)
+        hook = self.hook()
+        stale = hook.handle
+        hook.close()
+        self.assertEqual(lib.offload_engine_llama_adopt(stale, None), STATUS_INVALID_HANDLE)
+        self.assertEqual(lib.offload_engine_llama_new(None, self.gguf.encode(), ctypes.byref(ctypes.c_void_p())),
+                         STATUS_NULL_POINTER)
+
+
+class AdviceTest(unittest.TestCase):
+    def test_decode_prefers_the_cpu_and_prefill_streaming_over_pcie4(self):
+        decode = offload_engine.advise(4_000_000_000, bits_per_weight=4.5, tokens_per_pass=1)
+        self.assertEqual(decode["prefer"], "cpu")
+        self.assertAlmostEqual(decode["cpu_seconds"], 4.0 / 60.0, places=3)
+        prefill = offload_engine.advise(4_000_000_000, bits_per_weight=4.5, tokens_per_pass=512)
+        self.assertEqual(prefill["prefer"], "stream")
+        self.assertRaises(OffloadError, offload_engine.advise, 1, bits_per_weight=0.0)
+        self.assertRaises(OffloadError, offload_engine.advise, 1, tokens_per_pass=0)
+
+    def test_python_and_the_command_line_give_the_same_advice(self):
+        cli = os.environ.get("OFFLOAD_ENGINE_CLI")
+        if not cli:
+            self.skipTest("OFFLOAD_ENGINE_CLI (the offload-engine program) is not set")
+        out = subprocess.run(
+            [cli, "plan", "--hparams", "hidden=2048,layers=24,heads=16,kv_heads=4,vocab=32000,ffn=5632,context=2048,type=q4_k",
+             "--budget", "600MiB", "--json"],
+            check=True, capture_output=True, text=True,
+        )
+        advice = json.loads(out.stdout)["advice"]
+        for kind, tokens in (("decode", 1), ("prefill", advice["prefill_tokens"])):
+            mine = offload_engine.advise(advice["overflow_bytes"], bits_per_weight=advice["bits_per_weight"],
+                                         tokens_per_pass=tokens)
+            self.assertEqual(mine["prefer"], advice[kind]["prefer"], kind)
+            self.assertEqual(mine["stream_seconds"], advice[kind]["stream_seconds"], kind)
+            self.assertEqual(mine["cpu_seconds"], advice[kind]["cpu_seconds"], kind)
+
+
 if __name__ == "__main__":
     unittest.main()

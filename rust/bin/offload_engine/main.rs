@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 mod args;
 mod bench;
 mod demo;
+#[cfg(feature = "vendored-ggml")]
+mod generate;
 mod inspect;
+#[cfg(feature = "vendored-ggml")]
+mod llama_run;
 mod models;
 mod pipeline_demo;
 mod plan;
@@ -37,6 +41,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List a GGUF model's layers in execution order.
     Inspect(inspect::InspectArgs),
+    /// Generate text with llama.cpp through the engine; --compare checks it against
+    /// unmodified llama.cpp bit for bit.
+    #[cfg(feature = "vendored-ggml")]
+    Generate(generate::GenerateArgs),
     /// Decide what stays on the device and what streams.
     Plan(plan::PlanArgs),
     /// Many engines with random budgets, depths and layer sizes; outputs checked bit for bit.
@@ -57,6 +65,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::bench(&args),
         Command::Inspect(args) => inspect::inspect(&args),
         Command::Plan(args) => plan::plan(args),
+        #[cfg(feature = "vendored-ggml")]
+        Command::Generate(args) => generate::generate(&args),
         Command::Soak(args) => soak::soak(&args),
         Command::Devices => {
             for line in offload_engine::backend::describe_devices() {

@@ -56,9 +56,106 @@ pub struct PlanArgs {
     /// Built-in pattern name or a regex with one capture group for the layer index.
     #[arg(long)]
     pub pattern: Option<String>,
+    /// For a language model's advice: tokens per prefill pass (llama.cpp's n_ubatch).
+    #[arg(long, default_value_t = 512)]
+    pub ubatch: u32,
+    /// For the advice: host memory bandwidth in GB/s (where the CPU reads the layers that
+    /// do not fit).
+    #[arg(long)]
+    pub host_memory_gbps: Option<f64>,
+    /// For the advice: CPU compute in GFLOPS (sustained quantized matmul, not peak).
+    #[arg(long)]
+    pub host_gflops: Option<f64>,
+    /// For the advice: device compute in GFLOPS.
+    #[arg(long)]
+    pub device_gflops: Option<f64>,
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Stream or compute on the CPU, for decode and for prefill.
+#[derive(serde::Serialize)]
+struct LanguageModelAdvice {
+    overflow_bytes: u64,
+    bits_per_weight: f64,
+    machine: planner::Machine,
+    decode: planner::Advice,
+    prefill: planner::Advice,
+    prefill_tokens: u32,
+}
+
+/// For a language model whose plan streams: the streamed layers' bytes, computed on the
+/// device after copies or on the CPU where they are (llama.cpp's -ngl).
+fn language_model_advice(
+    args: &PlanArgs,
+    cost: &planner::ModelCost,
+    plan: &planner::Plan,
+    link: &Link,
+) -> Result<Option<LanguageModelAdvice>> {
+    if plan.mode != Mode::Streaming {
+        return Ok(None);
+    }
+    let overflow: u64 = plan
+        .streamed_layers
+        .iter()
+        .map(|&l| cost.layers[l].bytes)
+        .sum();
+    let bits = cost.bits_per_weight.unwrap_or(4.5);
+    let defaults = planner::Machine::default();
+    let machine = planner::Machine {
+        host_memory_bandwidth: args
+            .host_memory_gbps
+            .map_or(defaults.host_memory_bandwidth, |g| g * 1e9),
+        host_flops: args.host_gflops.map_or(defaults.host_flops, |g| g * 1e9),
+        device_flops: args
+            .device_gflops
+            .map_or(defaults.device_flops, |g| g * 1e9),
+    };
+    Ok(Some(LanguageModelAdvice {
+        overflow_bytes: overflow,
+        bits_per_weight: bits,
+        decode: planner::advise_llm(overflow, bits, 1, link, &machine)?,
+        prefill: planner::advise_llm(overflow, bits, args.ubatch, link, &machine)?,
+        prefill_tokens: args.ubatch,
+        machine,
+    }))
+}
+
+fn print_advice(advice: &LanguageModelAdvice, plan: &planner::Plan) {
+    let m = &advice.machine;
+    println!(
+        "stream or CPU: the {} streamed ({} at {:.2} bits per weight), one pass, with {:.0} GB/s \
+         host memory, {:.0} GFLOPS CPU, {:.0} GFLOPS device (--host-memory-gbps, --host-gflops, \
+         --device-gflops):",
+        count(plan.streamed_layers.len() as u64, "layer"),
+        format_bytes(advice.overflow_bytes),
+        advice.bits_per_weight,
+        m.host_memory_bandwidth / 1e9,
+        m.host_flops / 1e9,
+        m.device_flops / 1e9
+    );
+    for (what, a) in [
+        ("decode (1 token)".to_string(), &advice.decode),
+        (
+            format!("prefill ({} tokens)", advice.prefill_tokens),
+            &advice.prefill,
+        ),
+    ] {
+        let verdict = if a.prefer == "cpu" {
+            format!(
+                "faster on the CPU: llama.cpp with -ngl {} (those layers computed in host memory)",
+                plan.resident_layers.len()
+            )
+        } else {
+            "faster streamed".to_string()
+        };
+        println!(
+            "  {what:<22} streamed {:.2} ms, CPU {:.2} ms: {verdict}",
+            a.stream_seconds * 1e3,
+            a.cpu_seconds * 1e3
+        );
+    }
 }
 
 fn print_links() {
@@ -124,13 +221,28 @@ pub fn plan(args: PlanArgs) -> Result<()> {
         ..Workload::default()
     };
     let plan = planner::plan(&cost, &budget, &workload, &link)?;
+    let language_model = args.hparams.is_some()
+        || args
+            .model
+            .as_ref()
+            .is_some_and(|path| is_language_model(path, args.pattern.as_deref()));
+    let advice = if language_model {
+        language_model_advice(&args, &cost, &plan, &link)?
+    } else {
+        None
+    };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&plan).map_err(|e| Error::invalid(e.to_string()))?
-        );
+        let mut value = serde_json::to_value(&plan).map_err(|e| Error::invalid(e.to_string()))?;
+        if let Some(advice) = &advice {
+            value["advice"] =
+                serde_json::to_value(advice).map_err(|e| Error::invalid(e.to_string()))?;
+        }
+        println!("{value}");
     } else {
         print_plan(&plan, &budget, &workload, &link);
+        if let Some(advice) = &advice {
+            print_advice(advice, &plan);
+        }
     }
     if plan.mode == Mode::Insufficient {
         // The reasons and options, once: on stderr, or in the JSON above.
@@ -144,6 +256,11 @@ pub fn plan(args: PlanArgs) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A llama.cpp-style language model (its layers grouped as `blk.N`).
+fn is_language_model(path: &std::path::Path, pattern: Option<&str>) -> bool {
+    load_registry(path, pattern).is_ok_and(|mut r| r.architecture() == "llama_gguf")
 }
 
 fn print_plan(plan: &planner::Plan, budget: &Budget, workload: &Workload, link: &Link) {
