@@ -127,25 +127,11 @@ fn library(linkage: Linkage) -> PathBuf {
 
 fn build_library(deps: &Path) {
     let profile_dir = deps.parent().expect("target/<profile>/deps");
-    let profile = profile_dir
-        .file_name()
-        .and_then(|name| name.to_str())
-        .expect("profile directory name");
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo.current_dir(manifest_dir()).args(["build", "--lib"]);
-    match profile {
-        "debug" => {}
-        "release" => {
-            cargo.arg("--release");
-        }
-        other => {
-            cargo.args(["--profile", other]);
-        }
-    }
-    if let Some(target_dir) = profile_dir.parent() {
-        cargo.arg("--target-dir").arg(target_dir);
-    }
-    run("cargo build --lib", &mut cargo, None);
+    run(
+        "cargo build --lib",
+        &mut common::cargo_build_lib(profile_dir),
+        None,
+    );
 }
 
 /// Runs `command`, failing the test with its output if it fails or outlives `timeout`.

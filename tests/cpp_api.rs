@@ -1,6 +1,9 @@
 //! Builds tests/cpp/api_test.cpp against cpp/offload_engine.hpp and the static library, and
 //! runs it.
 
+#[path = "common/gemma.rs"]
+mod gemma;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,7 +46,7 @@ fn cpp_api_end_to_end() {
         "compile failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let run = Command::new(&exe).output().unwrap();
+    let run = Command::new(&exe).arg(gemma::gemma()).output().unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),

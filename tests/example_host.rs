@@ -14,18 +14,15 @@
 //! memory as free, so every run passes `--vram-budget`.
 
 mod common;
+#[path = "common/example.rs"]
+mod example;
 
 use common::Finished;
+use example::{build_example, have, static_library, work_dir, RUN_TIMEOUT};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// Headers of the ggml this crate was built against (set by build.rs).
-const GGML_INCLUDE: &str = env!("OFFLOAD_ENGINE_GGML_INCLUDE");
-
-/// Generous: a hang in the engine or the pipeline must fail the test, not stall CI.
-const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
 
 /// Slack added to computed budgets so that rounding in the library never decides a case.
 const SLACK: u64 = 64 << 10;
@@ -33,113 +30,6 @@ const SLACK: u64 = 64 << 10;
 const COND: &str = "conditioner";
 const DIT: &str = "diffusion_model";
 const VAE: &str = "vae";
-
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// `<target>/<profile>/deps/<test exe>`: the directory holding the test binary.
-fn deps_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .expect("the test binary lies in a directory")
-        .to_path_buf()
-}
-
-/// The static library as built for this test run. Cargo builds every crate type of the lib
-/// as this test's dependency into target/<profile>/deps; it copies them to target/<profile>/
-/// only on `cargo build`, so the copy there may be stale. If neither holds the archive,
-/// build it with this test's profile into this target dir.
-fn static_library() -> PathBuf {
-    let deps = deps_dir();
-    let profile_dir = deps.parent().unwrap_or(&deps).to_path_buf();
-    let candidates = [
-        deps.join("liboffload_engine.a"),
-        profile_dir.join("liboffload_engine.a"),
-    ];
-    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
-        return found.clone();
-    }
-    let profile = profile_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("profile directory name")
-        .to_string();
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo.current_dir(manifest_dir()).args(["build", "--lib"]);
-    match profile.as_str() {
-        "debug" => {}
-        "release" => {
-            cargo.arg("--release");
-        }
-        other => {
-            cargo.args(["--profile", other]);
-        }
-    }
-    if let Some(target_dir) = profile_dir.parent() {
-        cargo.arg("--target-dir").arg(target_dir);
-    }
-    checked("cargo build --lib", &mut cargo);
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| panic!("liboffload_engine.a not found in {candidates:?}"))
-}
-
-/// Runs a build step; a failure fails the test with the step's output.
-fn checked(what: &str, command: &mut Command) -> Finished {
-    let log_dir = work_dir().join("logs").join(what.replace([' ', '/'], "_"));
-    common::execute_ok(what, command, &log_dir, Some(RUN_TIMEOUT))
-}
-
-/// Where this test builds and runs: beside the test binary's profile dir.
-fn work_dir() -> PathBuf {
-    let deps = deps_dir();
-    deps.parent().unwrap_or(&deps).join("example-host")
-}
-
-/// Configures and builds the example; returns the executable.
-fn build_example(library: &Path) -> PathBuf {
-    let build = work_dir().join("build");
-    let mut configure = Command::new("cmake");
-    configure
-        .arg("-S")
-        .arg(manifest_dir().join("examples/pipeline_host"))
-        .arg("-B")
-        .arg(&build)
-        .arg("-DCMAKE_BUILD_TYPE=Release")
-        .arg(format!("-DOFFLOAD_ENGINE_LIB={}", library.display()))
-        .arg(format!("-DOFFLOAD_ENGINE_GGML_INCLUDE={GGML_INCLUDE}"));
-    if cfg!(feature = "cuda") {
-        configure.arg("-DOFFLOAD_ENGINE_WITH_CUDA=ON");
-    }
-    if cfg!(feature = "vulkan") {
-        configure.arg("-DOFFLOAD_ENGINE_EXTRA_LIBS=vulkan");
-    }
-    checked("cmake configure", &mut configure);
-    checked(
-        "cmake build",
-        Command::new("cmake")
-            .arg("--build")
-            .arg(&build)
-            .arg("--config")
-            .arg("Release"),
-    );
-    let exe = build.join("pipeline_host");
-    assert!(exe.is_file(), "{} was not built", exe.display());
-    exe
-}
 
 /// One component's line after a stage: `placement[run R, WHEN] NAME PLACEMENT key=value...`.
 #[derive(Debug, Clone)]
@@ -372,8 +262,8 @@ fn example_host_runs_every_offload_mode_with_one_checksum() {
         return;
     }
     let library = static_library();
-    let exe = build_example(&library);
-    let dir = work_dir().join("run");
+    let exe = build_example("pipeline_host", &library);
+    let dir = work_dir("pipeline_host").join("run");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create the run dir");
     let mut host = Host {

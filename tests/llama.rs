@@ -4,15 +4,17 @@
 //! prefetch depths 0, 1 and 2, with mmap on and off, from the model file, with a host
 //! callback chained, with two contexts one after the other; and the misuse the header names.
 
+#[path = "common/gemma.rs"]
+mod gemma;
 #[path = "../rust/bin/offload_engine/llama_run.rs"]
 #[allow(dead_code)]
 mod llama_run;
 
 use std::ffi::c_void;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
+
+use gemma::gemma;
 
 use llama_run::{HostEval, LoadedModel, RunOptions, RunResult, Session};
 use offload_engine::engine::EngineParams;
@@ -26,35 +28,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The model, fetched (and its hash checked) once per test binary.
-fn gemma() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .parent()
-            .expect("target/tmp lies in the target directory")
-            .to_path_buf();
-        let out = Command::new("bash")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models/fetch_gemma.sh"))
-            .arg(target.join("models"))
-            .output()
-            .expect("bash runs");
-        assert!(
-            out.status.success(),
-            "fetching the test model failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(
-            stdout
-                .lines()
-                .last()
-                .expect("the script prints the path")
-                .trim(),
-        )
-    })
 }
 
 fn options() -> RunOptions {

@@ -2278,6 +2278,7 @@ static void check_load_gguf(void)
 }
 
 #include "hostile_use.c"
+#include "llama_hook.c"
 
 /* ---------------------------------------------------------------------------------------
  * Entry point
@@ -2309,6 +2310,7 @@ static void run_c_checks(int argc, char **argv)
     check_pipeline();
     check_load_gguf();
     check_hostile_use();
+    check_llama_hook();
 #ifdef ABI_TEST_PRINT_COUNT
     printf("%ld checks passed\n", checks_passed);
 #endif

@@ -79,3 +79,29 @@ pub fn execute_ok(
     }
     finished
 }
+
+/// `cargo build --lib` for the profile and target directory of `profile_dir`
+/// (`<target>/<profile>`), so a test can build the library it links when cargo did not.
+pub fn cargo_build_lib(profile_dir: &Path) -> Command {
+    let profile = profile_dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .expect("profile directory name");
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--lib"]);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cargo.arg("--release");
+        }
+        other => {
+            cargo.args(["--profile", other]);
+        }
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        cargo.arg("--target-dir").arg(target_dir);
+    }
+    cargo
+}

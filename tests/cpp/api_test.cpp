@@ -1,5 +1,6 @@
 // The C++ API (cpp/offload_engine.hpp) end to end: registry, simulated plan, engine,
-// the staged executor with lambdas; streamed output equals the fully resident one.
+// the staged executor with lambdas; streamed output equals the fully resident one. With a
+// llama.cpp model as argv[1], the drop-in's two calls (cpp/offload_engine_llama.hpp).
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "ggml-cpu.h"
 #include "ggml.h"
 #include "offload_engine.hpp"
+#include "offload_engine_llama.hpp"
 
 namespace oe = offload_engine;
 
@@ -180,7 +182,76 @@ static void pipeline_checks(Model &cond_model, Model &dit_model, const std::vect
     EXPECT(!missing.ok() && missing.error().status == oe::Status::not_found);
 }
 
-int main() {
+// prepare() and attach() on a real model; a streamed decode matches an unmodified one.
+static void llama_checks(const char *path) {
+    oe::LlamaOptions options;
+    options.device = "CPU";
+    options.vram_budget = 100ull << 20;  // below the global tensors alone
+    options.compute_reserve = 0;
+    options.kv_cache = 0;
+    llama_model_params mparams = llama_model_default_params();
+    auto refused = oe::LlamaOffload::prepare(path, mparams, options);
+    EXPECT(!refused.ok() && refused.error().status == oe::Status::insufficient_memory);
+    EXPECT(mparams.tensor_buft_overrides == nullptr);  // untouched on failure
+    auto missing = oe::LlamaOffload::prepare("/nonexistent/model.gguf", mparams, options);
+    EXPECT(!missing.ok() && missing.error().status == oe::Status::io);
+
+    auto decode_once = [&](bool with_engine, std::vector<float> &logits) {
+        llama_model_params mp = llama_model_default_params();
+        mp.use_extra_bufts = false;
+        mp.lazy_mode = LLAMA_LAZY_MODE_OFF;
+        std::unique_ptr<oe::LlamaOffload> owned;
+        if (with_engine) {
+            options.vram_budget = 200ull << 20;  // about half the layers stream
+            auto prepared = oe::LlamaOffload::prepare(path, mp, options);
+            EXPECT(prepared.ok());
+            if (!prepared.ok()) return;
+            EXPECT(mp.tensor_buft_overrides != nullptr && !mp.use_extra_bufts);
+            owned = std::make_unique<oe::LlamaOffload>(std::move(*prepared));
+        }
+        llama_model *model = llama_model_load_from_file(path, mp);
+        EXPECT(model != nullptr);
+        if (model == nullptr) return;
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx = 64;
+        cp.n_batch = 64;
+        cp.n_ubatch = 64;
+        cp.n_threads = 2;
+        cp.n_threads_batch = 2;
+        if (owned) {
+            auto plan = owned->attach(model, cp);
+            EXPECT(plan.ok() && plan->mode() == OFFLOAD_ENGINE_MODE_STREAMING);
+            EXPECT(cp.cb_eval == offload_engine_llama_eval && cp.cb_eval_user_data != nullptr);
+            EXPECT(!owned->attach(model, cp).ok());  // adopt twice
+        }
+        llama_context *ctx = llama_init_from_model(model, cp);
+        EXPECT(ctx != nullptr);
+        const llama_vocab *vocab = llama_model_get_vocab(model);
+        std::vector<llama_token> tokens(16);
+        int n = llama_tokenize(vocab, "Hello", 5, tokens.data(), 16, true, true);
+        EXPECT(n > 0 && llama_decode(ctx, llama_batch_get_one(tokens.data(), n)) == 0);
+        const float *out = llama_get_logits_ith(ctx, -1);
+        logits.assign(out, out + llama_vocab_n_tokens(vocab));
+        if (owned) {
+            EXPECT(owned->status().ok());
+            auto stats = owned->stats();
+            EXPECT(stats.ok() && stats->passes == 1 && stats->streamed_bytes > 0);
+        }
+        llama_free(ctx);
+        if (owned) {
+            EXPECT(owned->detach().ok());
+            EXPECT(!owned->detach().ok());  // not adopted any more: a status, nothing freed twice
+        }
+        llama_model_free(model);
+    };
+    std::vector<float> reference, streamed;
+    decode_once(false, reference);
+    decode_once(true, streamed);
+    EXPECT(!reference.empty() && reference.size() == streamed.size());
+    EXPECT(std::memcmp(reference.data(), streamed.data(), reference.size() * sizeof(float)) == 0);
+}
+
+int main(int argc, char **argv) {
     Model model;
     const uint64_t layer_bytes = Model::kHidden * Model::kHidden * sizeof(float);
     auto resident = run(model, 64 * layer_bytes, 1, OFFLOAD_ENGINE_MODE_FULL);
@@ -208,6 +279,8 @@ int main() {
     EXPECT(oe::parse_size("12GB").ok() && *oe::parse_size("12GB") == 12000000000ull);
     EXPECT(oe::parse_size("12GiB").ok() && *oe::parse_size("12GiB") == (12ull << 30));
     EXPECT(!oe::parse_size("twelve").ok());
+
+    if (argc > 1) llama_checks(argv[1]);
 
     if (failures == 0) std::printf("C++ API: all checks passed\n");
     return failures == 0 ? 0 : 1;
