@@ -133,10 +133,11 @@ fn generate_bindings(include_dir: &Path) {
         .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
 }
 
-/// ggml's source tree: the pinned package records it in its CMake cache; a host names its own.
+/// ggml's source tree: named by the host, or recorded in the CMake cache beside the install
+/// prefix (the pinned package's build, and host-ggml builds that point at it).
 fn ggml_source_dir(include_dir: &Path, host_dir: Option<&Path>) -> Option<PathBuf> {
-    if host_dir.is_some() {
-        return env::var_os(HOST_GGML_SRC_VAR).map(PathBuf::from);
+    if let (Some(_), Some(source)) = (host_dir, env::var_os(HOST_GGML_SRC_VAR)) {
+        return Some(PathBuf::from(source));
     }
     // <prefix>/include -> <prefix>/build/CMakeCache.txt (the cmake crate's layout).
     let cache = include_dir.parent()?.join("build").join("CMakeCache.txt");

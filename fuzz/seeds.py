@@ -214,6 +214,37 @@ def free_during_pass(kind=0, handle=LIVE, delay=10, engine=LIVE, layers=4):
     return [32, kind, handle, delay, 0, engine, layers, 0]
 
 
+def llama_new(budget, prefetch=1, file_backed=False):
+    """A hook on the CPU over the target's llama-like file with exactly `budget` bytes and no
+    reserves (its layers are 1 KiB each, the global tensor 64 bytes; streamed from the file,
+    in 4 KiB-aligned images, 8 KiB and 4.25 KiB)."""
+    return ([33, 0, 3, 2, 2] + list(struct.pack("<H", budget)) + [2, prefetch] + [0, 1]
+            + [0 if file_backed else 1] + [1, 3])
+
+
+def llama_load(hook=LIVE):
+    """Loads the model through the hook's buffer type, as llama.cpp would."""
+    return [36, 1, hook]
+
+
+def llama_free_model(index=0):
+    return [36, 0, index]
+
+
+def llama_call(op, hook=LIVE):
+    """op: 1 free, 2 buffer_type, 3 plan, 4 adopt, 5 detach, 6 stats, 7 trace."""
+    extra = {3: [1], 4: [1], 6: [3], 7: [1]}.get(op, [])
+    return [33, op, hook] + extra
+
+
+def llama_context_new(hook=LIVE, host=False):
+    return [35, 0, hook, 1 if host else 0]
+
+
+def llama_forward(context=LIVE, answers=b"", model=0):
+    return [34, model, context, len(answers)] + list(answers)
+
+
 def abi_seeds():
     yield "stream_session", bytes(
         registry_new() + add_context(0) + getters(1) + plan_new(1, 10) + plan_summary()
@@ -249,6 +280,21 @@ def abi_seeds():
         + free_during_pass(delay=0) + registry_new() + add_context(0, reg=SECOND)
         + engine_new(budget_kib=1, reg=SECOND) + arm_log_free() + [24, 1, 0] + prepare()
         + whole_pass(4) + [16, LIVE] + engine_new(budget_kib=1) + prepare() + whole_pass(4))
+    yield "llama_session", bytes(
+        llama_new(2600) + llama_load() + llama_call(4) + llama_context_new() + llama_forward()
+        + llama_forward() + llama_forward() + llama_call(6) + llama_call(3) + [35, 1, LIVE]
+        + llama_call(5) + llama_free_model() + llama_call(1))
+    yield "llama_misuse", bytes(
+        llama_new(8000) + llama_call(4) + llama_context_new() + llama_load() + llama_forward()
+        + [35, 2, LIVE] + llama_call(4) + llama_call(5) + llama_free_model() + llama_call(4)
+        + llama_call(6) + [35, 3, LIVE, 1] + [35, 3, 1, 0])
+    yield "llama_host_stops", bytes(
+        llama_new(2600, prefetch=2) + llama_load() + llama_call(4) + llama_context_new(host=True)
+        + llama_forward(answers=bytes([1, 0, 1, 4, 0, 9, 0, 3])) + llama_forward()
+        + llama_forward(answers=bytes(range(1, 30))) + llama_call(6))
+    yield "llama_file_backed", bytes(
+        llama_new(21000, file_backed=True) + llama_load() + llama_call(4) + llama_context_new()
+        + llama_forward() + llama_forward() + llama_call(1) + llama_forward())
     yield "descriptors", bytes(
         registry_new() + add_descriptor(0, 4096, 4096) + add_descriptor(1, 4096, 4096)
         + add_descriptor(3, 4096, 1) + getters(1) + plan_new(60000, 11) + plan_summary()

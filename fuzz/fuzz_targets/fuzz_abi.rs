@@ -6,14 +6,20 @@
 //! pipelines, run_pass whose graph builders return tensors of every ggml type or build graphs
 //! of tens of thousands of nodes, and which free the engine, free a pipeline or call the
 //! pipeline from inside the pass; frees from the log callback (on whatever thread it runs) and
-//! from a second thread while the first is in a call.
+//! from a second thread while the first is in a call. The llama.cpp drop-in is driven as a
+//! ggml host would drive it: hooks over a small llama-like file, its weights loaded through
+//! the hook's buffer type, adopted, and a graph with l_out-N layer outputs run by ggml's
+//! scheduler with offload_engine_llama_eval and a host callback that asks for nodes and stops
+//! graphs at random; models freed before or after detach, contexts of any hook or none.
 //!
 //! Checks, per call: it returns a status in 0..=13; a failure leaves a non-empty
 //! last_error(); an out-parameter is left alone on failure; no panic happens (libFuzzer's
 //! panic hook aborts even on panics the library would catch, so ERR_INTERNAL cannot hide one);
 //! a plan handle's summary agrees with its mode and message; a second engine over a model
 //! with a live engine is refused; a completed run_pass whose builders were honest returns its
-//! input bit for bit (the layers add zero times their weights' sum).
+//! input bit for bit (the layers add zero times their weights' sum); a streamed llama graph
+//! whose context reports no error and whose host callback stopped nothing gives the plainly
+//! computed result bit for bit; detach is refused while a context object lives.
 //! Per input, after freeing whatever is still alive: no handle the input saw is live any more,
 //! and every model tensor points at its host memory again with its weights unchanged.
 //!
@@ -164,6 +170,8 @@ fn free_handle(ptr: usize, kind: Kind) {
         Kind::Plan => offload_engine_plan_free(ptr as *mut PlanHandle),
         Kind::Engine => offload_engine_engine_free(ptr as *mut EngineHandle),
         Kind::Pipeline => offload_engine_pipeline_free(ptr as *mut PipelineHandle),
+        Kind::Llama => offload_engine_llama_free(ptr as *mut LlamaHandle),
+        Kind::LlamaContext => offload_engine_llama_context_free(ptr as *mut LlamaContextHandle),
     }
 }
 
@@ -230,6 +238,8 @@ enum Kind {
     Plan,
     Engine,
     Pipeline,
+    Llama,
+    LlamaContext,
 }
 
 struct Handle {
@@ -257,6 +267,9 @@ struct State {
     busy: u16,
     /// Tensor ids seen in outputs, to query with later.
     ids: Vec<u64>,
+    /// Models loaded through a hook's buffer type (as llama.cpp would), by hook address;
+    /// they outlive their hook, as llama.cpp's buffers may.
+    hook_models: Vec<(usize, HookModel)>,
 }
 
 impl State {
@@ -476,7 +489,7 @@ fuzz_target!(|data: &[u8]| {
 
 fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
     state.reconcile();
-    match input.u8() % 34 {
+    match input.u8() % 37 {
         0 => registry_new(input, state),
         1 => {
             let r = state.pick::<RegistryHandle>(input, Kind::Registry);
@@ -500,7 +513,10 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
             if which < 2 {
                 let all = model_bits(models, which);
                 if state.busy & all != 0 {
-                    assert_ne!(rc, 0, "registered model {which}'s tensors while an engine holds them");
+                    assert_ne!(
+                        rc, 0,
+                        "registered model {which}'s tensors while an engine holds them"
+                    );
                 }
                 // A failed add may still have registered a prefix of the context.
                 mark_models(state, r, which, if rc == 0 { all } else { 0 });
@@ -524,7 +540,10 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
             );
             unchanged(rc, u64::MAX, id, "registry_add_tensor");
             if state.busy & bit != 0 {
-                assert_ne!(rc, 0, "registered a tensor of model {which} while an engine holds it");
+                assert_ne!(
+                    rc, 0,
+                    "registered a tensor of model {which} while an engine holds it"
+                );
             }
             if rc == 0 {
                 state.ids.push(id);
@@ -811,6 +830,10 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
             *lock(&ARMED) = Some((ptr, kind));
         }
         32 => free_during_a_call(input, state, models),
+        33 => llama_hook(input, state),
+        34 => llama_forward(input, state),
+        35 => llama_context(input, state),
+        36 => llama_load(input, state),
         _ => whole_pass(input, state),
     }
 }
@@ -1414,7 +1437,10 @@ unsafe fn fresh_tensor(ctx: *mut sys::ggml_context, ty: u32, n: i64) -> *mut sys
     unsafe { sys::ggml_new_tensor_1d(ctx, ty, n) }
 }
 
-unsafe extern "C" fn staged_input(user: *mut c_void, ctx: *mut sys::ggml_context) -> *mut sys::ggml_tensor {
+unsafe extern "C" fn staged_input(
+    user: *mut c_void,
+    ctx: *mut sys::ggml_context,
+) -> *mut sys::ggml_tensor {
     // SAFETY: `user` is the Staged the fuzzer passed for this pass.
     let s = unsafe { &mut *(user as *mut Staged) };
     if s.odd_at == u64::MAX {
@@ -1432,12 +1458,7 @@ unsafe extern "C" fn staged_set_inputs(user: *mut c_void) -> c_int {
     if !s.input.is_null() {
         // SAFETY: the input tensor is allocated now and holds `width` f32 values.
         unsafe {
-            sys::ggml_backend_tensor_set(
-                s.input,
-                s.values.as_ptr().cast(),
-                0,
-                s.values.len() * 4,
-            )
+            sys::ggml_backend_tensor_set(s.input, s.values.as_ptr().cast(), 0, s.values.len() * 4)
         };
     }
     0
@@ -1547,9 +1568,9 @@ fn staged_pass(input: &mut Input, state: &mut State, models: &[Model; 2]) {
     let hostile = match input.u8() % 8 {
         0 => Hostile::FreeEngine(state.pick::<EngineHandle>(input, Kind::Engine) as usize),
         1 => Hostile::FreePipeline(state.pick::<PipelineHandle>(input, Kind::Pipeline) as usize),
-        2 => Hostile::PipelineRunBegin(
-            state.pick::<PipelineHandle>(input, Kind::Pipeline) as usize,
-        ),
+        2 => {
+            Hostile::PipelineRunBegin(state.pick::<PipelineHandle>(input, Kind::Pipeline) as usize)
+        }
         3 => Hostile::EngineCall(e as usize),
         _ => Hostile::Nothing,
     };
@@ -1638,11 +1659,20 @@ fn cleanup(state: &mut State, models: &[Model; 2]) {
     offload_engine_debug_clear_faults();
     *lock(&ARMED) = None;
     state.reconcile();
-    for kind in [Kind::Pipeline, Kind::Engine, Kind::Plan, Kind::Registry] {
+    for kind in [
+        Kind::LlamaContext,
+        Kind::Pipeline,
+        Kind::Engine,
+        Kind::Plan,
+        Kind::Registry,
+        Kind::Llama,
+    ] {
         for h in state.handles.iter().filter(|h| h.kind == kind && h.live) {
             free_handle(h.ptr, kind);
         }
     }
+    // llama.cpp's buffers go last: they keep the buffer type alive after the hook.
+    state.hook_models.clear();
     state.reconcile();
     for h in &state.handles {
         let rc = match h.kind {
@@ -1656,6 +1686,10 @@ fn cleanup(state: &mut State, models: &[Model; 2]) {
                 offload_engine_registry_tensor_count(h.ptr as *mut RegistryHandle, &mut n)
             }
             Kind::Pipeline => offload_engine_pipeline_run_end(h.ptr as *mut PipelineHandle),
+            Kind::Llama => offload_engine_llama_detach(h.ptr as *mut LlamaHandle),
+            Kind::LlamaContext => {
+                offload_engine_llama_context_status(h.ptr as *mut LlamaContextHandle)
+            }
         };
         assert_eq!(
             rc, ERR_INVALID_HANDLE,
@@ -1691,6 +1725,436 @@ fn cleanup(state: &mut State, models: &[Model; 2]) {
             checksum(m),
             m.checksum,
             "model {i}: host weights were modified"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The llama.cpp drop-in, driven as a ggml host would (no llama.cpp): weights allocated from
+// the hook's buffer type, adopted, and a graph whose layer outputs are named l_out-N run by
+// ggml's scheduler with offload_engine_llama_eval as its eval callback
+// ---------------------------------------------------------------------------------------
+
+const HOOK_LAYERS: usize = 4;
+const HOOK_WIDTH: i64 = 16;
+
+/// The GGUF files the hooks read: a llama-like model (blk.N.w, output_norm.weight) and the
+/// same tensors under an architecture whose llama.cpp graph names no l_out node.
+fn hook_files() -> &'static [std::path::PathBuf; 2] {
+    static FILES: OnceLock<[std::path::PathBuf; 2]> = OnceLock::new();
+    FILES.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("fuzz_abi_hook_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let names: Vec<String> = (0..HOOK_LAYERS)
+            .map(|i| format!("blk.{i}.w"))
+            .chain(["output_norm.weight".to_string()])
+            .collect();
+        ["llama", "bert"].map(|arch| {
+            use offload_engine::gguf::{Value, Writer};
+            let path = dir.join(format!("{arch}.gguf"));
+            let mut file = Writer::new();
+            file.add_kv("general.architecture", Value::Str(arch.into()));
+            for (t, name) in names.iter().enumerate() {
+                let dims = if t < HOOK_LAYERS {
+                    vec![HOOK_WIDTH as u64, HOOK_WIDTH as u64]
+                } else {
+                    vec![HOOK_WIDTH as u64]
+                };
+                let elements: u64 = dims.iter().product();
+                let data = (0..elements)
+                    .flat_map(|i| hook_weight(t, i).to_le_bytes())
+                    .collect();
+                file.add_tensor(name, sys::GGML_TYPE_F32, &dims, data)
+                    .expect("a valid tensor");
+            }
+            file.write_path(&path).expect("the hook model writes");
+            path
+        })
+    })
+}
+
+fn hook_weight(tensor: usize, i: u64) -> f32 {
+    (tensor as f32 + 1.0) * 0.05 + (i % 5) as f32 * 0.01 - (i % 3) as f32 * 0.02
+}
+
+/// Weights in a ggml context, allocated from a buffer type and filled with the file's values.
+struct HookModel {
+    ctx: *mut sys::ggml_context,
+    buffer: sys::ggml_backend_buffer_t,
+    weights: Vec<*mut sys::ggml_tensor>,
+}
+
+impl HookModel {
+    fn load(buft: sys::ggml_backend_buffer_type_t) -> Option<HookModel> {
+        let params = sys::ggml_init_params {
+            // SAFETY: no preconditions.
+            mem_size: (HOOK_LAYERS + 1) * unsafe { sys::ggml_tensor_overhead() } + 1024,
+            mem_buffer: null_mut(),
+            no_alloc: true,
+        };
+        // SAFETY: a metadata-only context.
+        let ctx = unsafe { sys::ggml_init(params) };
+        assert!(!ctx.is_null());
+        let mut weights = Vec::new();
+        for t in 0..=HOOK_LAYERS {
+            let name = if t < HOOK_LAYERS {
+                CString::new(format!("blk.{t}.w")).unwrap()
+            } else {
+                CString::new("output_norm.weight").unwrap()
+            };
+            // SAFETY: a valid context with room for these tensors.
+            unsafe {
+                let w = if t < HOOK_LAYERS {
+                    sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F32, HOOK_WIDTH, HOOK_WIDTH)
+                } else {
+                    sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_F32, HOOK_WIDTH)
+                };
+                sys::ggml_set_name(w, name.as_ptr());
+                weights.push(w);
+            }
+        }
+        // SAFETY: the context's tensors, allocated in one buffer of `buft` (NULL on failure).
+        let buffer = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft) };
+        if buffer.is_null() {
+            // SAFETY: the context made above, used by nothing else.
+            unsafe { sys::ggml_free(ctx) };
+            return None;
+        }
+        for (t, &w) in weights.iter().enumerate() {
+            // SAFETY: an f32 tensor of this context.
+            let n = unsafe { sys::ggml_nelements(w) } as u64;
+            let values: Vec<f32> = (0..n).map(|i| hook_weight(t, i)).collect();
+            // SAFETY: `values` holds the tensor's bytes.
+            unsafe { sys::ggml_backend_tensor_set(w, values.as_ptr().cast(), 0, values.len() * 4) };
+        }
+        Some(HookModel {
+            ctx,
+            buffer,
+            weights,
+        })
+    }
+
+    /// y = norm * tanh(W3 tanh(W2 tanh(W1 tanh(W0 x)))), layer outputs named l_out-N, on the
+    /// CPU backend through a scheduler with `callback` (and `user`) as its eval callback.
+    fn forward(
+        &self,
+        callback: sys::ggml_backend_sched_eval_callback,
+        user: *mut c_void,
+    ) -> Vec<f32> {
+        let params = sys::ggml_init_params {
+            // SAFETY: no preconditions.
+            mem_size: 64 * unsafe { sys::ggml_tensor_overhead() }
+                // SAFETY: no preconditions.
+                + unsafe { sys::ggml_graph_overhead() }
+                + 1024,
+            mem_buffer: null_mut(),
+            no_alloc: true,
+        };
+        // SAFETY: each call below gets valid objects made just before it; the scheduler and
+        // contexts are freed at the end, in order.
+        unsafe {
+            let ctx = sys::ggml_init(params);
+            let mut cpu = sys::ggml_backend_cpu_init();
+            let x = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_F32, HOOK_WIDTH);
+            sys::ggml_set_input(x);
+            let mut y = x;
+            for (l, &w) in self.weights[..HOOK_LAYERS].iter().enumerate() {
+                y = sys::ggml_tanh(ctx, sys::ggml_mul_mat(ctx, w, y));
+                let name = CString::new(format!("l_out-{l}")).unwrap();
+                sys::ggml_set_name(y, name.as_ptr());
+            }
+            y = sys::ggml_mul(ctx, y, self.weights[HOOK_LAYERS]);
+            sys::ggml_set_output(y);
+            let graph = sys::ggml_new_graph(ctx);
+            sys::ggml_build_forward_expand(graph, y);
+            let sched = sys::ggml_backend_sched_new(&mut cpu, null_mut(), 1, 64, false, false);
+            sys::ggml_backend_sched_set_eval_callback(sched, callback, user);
+            assert!(sys::ggml_backend_sched_alloc_graph(sched, graph));
+            let input: Vec<f32> = (0..HOOK_WIDTH)
+                .map(|i| (i % 4) as f32 * 0.3 - 0.4)
+                .collect();
+            sys::ggml_backend_tensor_set(x, input.as_ptr().cast(), 0, input.len() * 4);
+            assert_eq!(
+                sys::ggml_backend_sched_graph_compute(sched, graph),
+                sys::GGML_STATUS_SUCCESS
+            );
+            let mut out = vec![0f32; HOOK_WIDTH as usize];
+            sys::ggml_backend_tensor_get(y, out.as_mut_ptr().cast(), 0, out.len() * 4);
+            sys::ggml_backend_sched_free(sched);
+            sys::ggml_backend_free(cpu);
+            sys::ggml_free(ctx);
+            out
+        }
+    }
+}
+
+impl Drop for HookModel {
+    fn drop(&mut self) {
+        // SAFETY: the buffer and context this model made, freed once, buffer first (as
+        // llama.cpp does: the hook detaches when its buffer goes).
+        unsafe {
+            sys::ggml_backend_buffer_free(self.buffer);
+            sys::ggml_free(self.ctx);
+        }
+    }
+}
+
+/// The output of the graph over plainly allocated weights: what every streamed run must give.
+fn hook_reference() -> &'static [f32] {
+    static REFERENCE: OnceLock<Vec<f32>> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        // SAFETY: no preconditions.
+        let model = HookModel::load(unsafe { sys::ggml_backend_cpu_buffer_type() }).unwrap();
+        model.forward(None, null_mut())
+    })
+}
+
+const OUTPUT_PATTERNS: [&[u8]; 5] = [
+    b"^l_out-(\\d+)$",
+    b"^layer_out-(\\d+)$",
+    b"l_out",
+    b"(",
+    b"(\\d+)",
+];
+
+fn llama_new(input: &mut Input, state: &mut State) {
+    let mut p = LlamaParamsC::default();
+    offload_engine_llama_params_init(&mut p);
+    p.size = struct_size(input, std::mem::size_of::<LlamaParamsC>());
+    let device = match input.u8() % 8 {
+        0 => None,
+        1 => Some(CString::new("nope").unwrap()),
+        _ => Some(CString::new("CPU").unwrap()),
+    };
+    p.device = ptr_of(&device);
+    // Around what the model needs (global 64 B, layers 1 KiB each; from the file, 4 KiB
+    // aligned: 4.25 and 8 KiB), or anything.
+    p.budget_bytes = match input.u8() % 4 {
+        0 => input.size(),
+        1 => 0,
+        _ => u64::from(input.u16() % 32768),
+    };
+    p.prefetch_depth = input.count().min(80);
+    if input.bool() {
+        p.compute_reserve_bytes = input.size();
+        p.kv_cache_bytes = input.size();
+    } else {
+        p.compute_reserve_bytes = 0;
+        p.kv_cache_bytes = 0;
+    }
+    if input.u8() % 4 == 0 {
+        p.n_ctx = input.u32();
+        p.n_ubatch = input.u32();
+    }
+    p.file_backed = c_int::from(input.u8() % 3 == 0);
+    let pattern = if input.bool() {
+        None
+    } else {
+        text(input, &OUTPUT_PATTERNS)
+    };
+    p.layer_output_pattern = ptr_of(&pattern);
+    let files = hook_files();
+    let path = match input.u8() % 8 {
+        0 => None,
+        1 => Some(CString::new("/nonexistent.gguf").unwrap()),
+        2 => Some(CString::new(files[1].to_str().unwrap()).unwrap()),
+        _ => Some(CString::new(files[0].to_str().unwrap()).unwrap()),
+    };
+    let mut hook: *mut LlamaHandle = FOREIGN.as_ptr() as *mut LlamaHandle;
+    let rc = check(
+        offload_engine_llama_new(&p, ptr_of(&path), &mut hook),
+        "llama_new",
+    );
+    unchanged(rc, FOREIGN.as_ptr() as usize, hook as usize, "llama_new");
+    if rc == 0 {
+        state.born(hook as usize, Kind::Llama, 0, 0);
+    }
+}
+
+/// Hook calls: new, free, buffer type, plan, adopt, detach, stats, trace.
+fn llama_hook(input: &mut Input, state: &mut State) {
+    let op = input.u8() % 8;
+    if op == 0 {
+        return llama_new(input, state);
+    }
+    let h = state.pick::<LlamaHandle>(input, Kind::Llama);
+    match op {
+        1 => {
+            offload_engine_llama_free(h);
+            state.freed(h as usize, Kind::Llama);
+        }
+        2 => {
+            let mut buft: sys::ggml_backend_buffer_type_t = FOREIGN.as_ptr() as *mut _;
+            let rc = check(
+                offload_engine_llama_buffer_type(h, &mut buft),
+                "llama_buffer_type",
+            );
+            unchanged(
+                rc,
+                FOREIGN.as_ptr() as usize,
+                buft as usize,
+                "llama_buffer_type",
+            );
+        }
+        3 | 4 => {
+            let mut plan: *mut PlanHandle = FOREIGN.as_ptr() as *mut PlanHandle;
+            let out = if input.u8() % 8 == 0 {
+                null_mut()
+            } else {
+                &mut plan as *mut *mut PlanHandle
+            };
+            let rc = if op == 3 {
+                check(offload_engine_llama_plan(h, out), "llama_plan")
+            } else {
+                check(offload_engine_llama_adopt(h, out), "llama_adopt")
+            };
+            if rc == 0 && !out.is_null() {
+                state.born(plan as usize, Kind::Plan, 0, 0);
+            } else {
+                unchanged(rc, FOREIGN.as_ptr() as usize, plan as usize, "llama_plan");
+            }
+        }
+        5 => {
+            let contexts = state
+                .handles
+                .iter()
+                .any(|c| c.kind == Kind::LlamaContext && c.live && c.pipeline == h as usize);
+            let rc = check(offload_engine_llama_detach(h), "llama_detach");
+            if contexts {
+                assert_ne!(rc, 0, "detached while a context object lives");
+            }
+        }
+        6 => {
+            let mut stats = StatsC::default();
+            stats.size = struct_size(input, std::mem::size_of::<StatsC>());
+            let before = stats.passes;
+            let rc = check(offload_engine_llama_stats(h, &mut stats), "llama_stats");
+            unchanged(rc, before, stats.passes, "llama_stats");
+        }
+        _ => {
+            let path = if input.bool() {
+                None
+            } else {
+                let p = std::env::temp_dir().join(format!("fuzz_abi_hook_{}", std::process::id()));
+                Some(CString::new(p.join("trace.json").to_str().unwrap()).unwrap())
+            };
+            check(
+                offload_engine_llama_trace_write(h, ptr_of(&path)),
+                "llama_trace_write",
+            );
+        }
+    }
+}
+
+/// Loads the hook model through a hook's buffer type (llama.cpp's load), or frees one such
+/// model (llama_model_free, with or without detach first).
+fn llama_load(input: &mut Input, state: &mut State) {
+    if input.u8() % 4 == 0 {
+        if !state.hook_models.is_empty() {
+            let i = usize::from(input.u8()) % state.hook_models.len();
+            drop(state.hook_models.swap_remove(i));
+        }
+        return;
+    }
+    let h = state.pick::<LlamaHandle>(input, Kind::Llama);
+    let mut buft: sys::ggml_backend_buffer_type_t = null_mut();
+    if offload_engine_llama_buffer_type(h, &mut buft) != 0 {
+        return;
+    }
+    if let Some(model) = HookModel::load(buft) {
+        state.hook_models.push((h as usize, model));
+    }
+}
+
+/// Context objects: new (with or without a host callback), free, status, eval with odd
+/// arguments.
+fn llama_context(input: &mut Input, state: &mut State) {
+    match input.u8() % 4 {
+        0 => {
+            let h = state.pick::<LlamaHandle>(input, Kind::Llama);
+            let host: Option<offload_engine::llama::EvalFn> =
+                if input.bool() { Some(host_eval) } else { None };
+            let mut context: *mut LlamaContextHandle = FOREIGN.as_ptr() as *mut _;
+            let rc = check(
+                offload_engine_llama_context_new(h, host, null_mut(), &mut context),
+                "llama_context_new",
+            );
+            unchanged(
+                rc,
+                FOREIGN.as_ptr() as usize,
+                context as usize,
+                "llama_context_new",
+            );
+            if rc == 0 {
+                state.born(context as usize, Kind::LlamaContext, 0, 0);
+                if let Some(c) = state.live_mut(context as usize, Kind::LlamaContext) {
+                    c.pipeline = h as usize; // the hook it belongs to
+                }
+            }
+        }
+        1 => {
+            let c = state.pick::<LlamaContextHandle>(input, Kind::LlamaContext);
+            offload_engine_llama_context_free(c);
+            state.freed(c as usize, Kind::LlamaContext);
+        }
+        2 => {
+            let c = state.pick::<LlamaContextHandle>(input, Kind::LlamaContext);
+            check(
+                offload_engine_llama_context_status(c),
+                "llama_context_status",
+            );
+        }
+        _ => {
+            let c = state.pick::<c_void>(input, Kind::LlamaContext);
+            let ask = input.bool();
+            // No node: the neutral answer, whatever the user data.
+            assert_eq!(offload_engine_llama_eval(null_mut(), ask, c), !ask);
+        }
+    }
+}
+
+/// The host callback's answers, drawn from the input (the last first): asking for nodes, and
+/// now and then stopping the graph (a "false" after a node was computed), as an imatrix or a
+/// debugger may.
+static HOST_ANSWERS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+unsafe extern "C" fn host_eval(_t: *mut sys::ggml_tensor, ask: bool, _user: *mut c_void) -> bool {
+    // Out of answers: not interested, go on.
+    let byte = lock(&HOST_ANSWERS).pop().unwrap_or(1);
+    if ask {
+        byte % 4 == 0
+    } else {
+        byte % 8 != 0
+    }
+}
+
+/// Runs the graph over a hook-loaded model with a picked context object as user data; when
+/// the engine reports no error and the host callback stopped nothing, the output must be
+/// the reference's, bit for bit.
+fn llama_forward(input: &mut Input, state: &mut State) {
+    if state.hook_models.is_empty() {
+        return;
+    }
+    let i = usize::from(input.u8()) % state.hook_models.len();
+    let c = state.pick::<LlamaContextHandle>(input, Kind::LlamaContext);
+    let len = usize::from(input.u8() % 32);
+    let answers: Vec<u8> = input.bytes(len).to_vec();
+    let may_stop = answers.iter().any(|b| b % 8 == 0);
+    *lock(&HOST_ANSWERS) = answers;
+    let model = &state.hook_models[i].1;
+    // SAFETY: the exported eval callback has ggml's callback signature.
+    let callback: sys::ggml_backend_sched_eval_callback = Some(offload_engine_llama_eval);
+    let before = offload_engine_llama_context_status(c);
+    let out = model.forward(callback, c.cast());
+    lock(&HOST_ANSWERS).clear();
+    let status = offload_engine_llama_context_status(c);
+    if before == 0 && status == 0 && !may_stop {
+        assert!(
+            out.iter()
+                .zip(hook_reference())
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "a streamed graph differs from the reference: {out:?} vs {:?}",
+            hook_reference()
         );
     }
 }
