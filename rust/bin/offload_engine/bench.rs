@@ -24,6 +24,12 @@ pub struct BenchArgs {
     /// Stream from the model file (disk tier): read throughput and peak RSS, on the CPU.
     #[arg(long)]
     pub disk: bool,
+    /// llama.cpp on this GGUF model through the drop-in against unmodified llama.cpp:
+    /// prefill and decode tokens/s at three budgets (all resident, about half, global + 2
+    /// slots), as ratios from interleaved runs.
+    #[cfg(feature = "vendored-ggml")]
+    #[arg(long, value_name = "MODEL", conflicts_with = "disk")]
+    pub llama: Option<std::path::PathBuf>,
     /// Write the traced run's timeline (copy, wait and compute lanes) as Chrome trace-event
     /// JSON (open in Perfetto).
     #[arg(long)]
@@ -33,6 +39,15 @@ pub struct BenchArgs {
 /// `offload-engine bench`: the streaming benchmark, or the disk tier's with `--disk`.
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let load_start = load_average();
+    #[cfg(feature = "vendored-ggml")]
+    if let Some(model) = &args.llama {
+        let outcome =
+            crate::bench_llama::run_llama_bench(model, args.device.as_deref(), args.json, args.quick);
+        if !args.json {
+            report_load(load_start, load_average());
+        }
+        return outcome;
+    }
     let outcome = if args.disk {
         if args.device.as_deref().is_some_and(|d| d != "CPU") {
             return Err(offload_engine::error::Error::invalid(
