@@ -21,6 +21,8 @@ struct OpenFile {
     mapping: Option<Mapping>,
     /// Direct reads failed once at run time; use buffered reads from then on.
     direct_failed: AtomicBool,
+    /// Buffered reads cannot skip uncached pages here (`RWF_NOWAIT`): ask `mincore`.
+    nowait_unsupported: AtomicBool,
 }
 
 struct Mapping {
@@ -143,6 +145,7 @@ impl FileSet {
                 direct,
                 mapping,
                 direct_failed: AtomicBool::new(false),
+                nowait_unsupported: AtomicBool::new(false),
             });
         }
         Ok(FileSet { files })
@@ -193,41 +196,41 @@ impl FileSet {
                 offset,
             ));
         }
-        // Direct reads skip the page cache: right when the data must come from the disk, but a
-        // loss when the cache already holds it (a warm second run), so those read buffered.
-        let cached = f
-            .mapping
-            .as_ref()
-            .is_some_and(|m| m.cached_fraction(offset, needed) > 0.5);
-        let aligned = !cached
-            && offset % DIRECT_ALIGNMENT == 0
-            && dst.len() as u64 % DIRECT_ALIGNMENT == 0
-            && dst.as_ptr() as u64 % DIRECT_ALIGNMENT == 0;
-        let mut got = 0usize;
-        if let (Some(direct), true, false) =
-            (&f.direct, aligned, f.direct_failed.load(Ordering::Relaxed))
-        {
-            match read_fully(direct, offset, dst) {
-                Ok(n) => got = n,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    if !f.direct_failed.swap(true, Ordering::Relaxed) {
-                        log::warn!(
-                            "{}: direct reads refused ({e}); using buffered reads",
-                            f.path.display()
-                        );
+        // What the page cache already holds is copied from there, without waiting for the
+        // disk; the rest comes straight from the disk (direct I/O, from an aligned point),
+        // so cached bytes are never read twice and uncached ones never go through the cache.
+        let mut got = self.read_cached(f, offset, dst);
+        if got < dst.len() {
+            let start = got - got % DIRECT_ALIGNMENT as usize;
+            let rest = &mut dst[start..];
+            let aligned = (offset + start as u64) % DIRECT_ALIGNMENT == 0
+                && rest.len() as u64 % DIRECT_ALIGNMENT == 0
+                && rest.as_ptr() as u64 % DIRECT_ALIGNMENT == 0;
+            if let (Some(direct), true, false) =
+                (&f.direct, aligned, f.direct_failed.load(Ordering::Relaxed))
+            {
+                match read_fully(direct, offset + start as u64, rest) {
+                    Ok(n) => got = got.max(start + n),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        if !f.direct_failed.swap(true, Ordering::Relaxed) {
+                            log::warn!(
+                                "{}: direct reads refused ({e}); using buffered reads",
+                                f.path.display()
+                            );
+                        }
                     }
-                }
-                Err(e) => {
-                    return Err(fail(
-                        Status::Io,
-                        format!("{}: read at offset {offset}: {e}", f.path.display()),
-                        offset,
-                    ))
+                    Err(e) => {
+                        return Err(fail(
+                            Status::Io,
+                            format!("{}: read at offset {offset}: {e}", f.path.display()),
+                            offset,
+                        ))
+                    }
                 }
             }
         }
-        if got == 0 {
-            got = read_fully(&f.buffered, offset, dst).map_err(|e| {
+        if got < dst.len() {
+            got += read_fully(&f.buffered, offset + got as u64, &mut dst[got..]).map_err(|e| {
                 fail(
                     Status::Io,
                     format!("{}: read at offset {offset}: {e}", f.path.display()),
@@ -248,6 +251,76 @@ impl FileSet {
             ));
         }
         Ok(())
+    }
+}
+
+impl FileSet {
+    /// Copies the leading part of `dst` that the page cache holds (a buffered read that does
+    /// not wait for the disk, `RWF_NOWAIT`); returns its length. Where the kernel or file
+    /// system cannot do that, asks the page cache which pages it holds (`mincore`) and reads
+    /// everything buffered when most are there.
+    fn read_cached(&self, f: &OpenFile, offset: u64, dst: &mut [u8]) -> usize {
+        use std::os::fd::AsRawFd;
+        // A cold start goes to the disk directly: a buffered read, even one that does not
+        // wait, starts the kernel's readahead of the pages it misses, which would then be
+        // read twice from the disk.
+        let first_cached = f
+            .mapping
+            .as_ref()
+            .is_none_or(|m| m.cached_fraction(offset, 1) > 0.0);
+        if !first_cached {
+            return 0;
+        }
+        if !f.nowait_unsupported.load(Ordering::Relaxed) {
+            let mut got = 0usize;
+            while got < dst.len() {
+                let rest = &mut dst[got..];
+                let iov = libc::iovec {
+                    iov_base: rest.as_mut_ptr().cast(),
+                    iov_len: rest.len(),
+                };
+                // SAFETY: one iovec over `rest`, writable for its length; a valid descriptor.
+                let n = unsafe {
+                    libc::preadv2(
+                        f.buffered.as_raw_fd(),
+                        &iov,
+                        1,
+                        (offset + got as u64) as libc::off_t,
+                        libc::RWF_NOWAIT,
+                    )
+                };
+                if n > 0 {
+                    got += n as usize;
+                    continue;
+                }
+                if n == 0 {
+                    break; // the end of the file
+                }
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => {
+                        f.nowait_unsupported.store(true, Ordering::Relaxed);
+                        return self.read_if_mostly_cached(f, offset, dst);
+                    }
+                    // EAGAIN: the next page is not cached; errors are the full read's to report.
+                    _ => break,
+                }
+            }
+            return got;
+        }
+        self.read_if_mostly_cached(f, offset, dst)
+    }
+
+    fn read_if_mostly_cached(&self, f: &OpenFile, offset: u64, dst: &mut [u8]) -> usize {
+        let cached = f
+            .mapping
+            .as_ref()
+            .is_some_and(|m| m.cached_fraction(offset, dst.len() as u64) > 0.5);
+        if cached {
+            read_fully(&f.buffered, offset, dst).unwrap_or(0)
+        } else {
+            0
+        }
     }
 }
 

@@ -225,3 +225,45 @@ fn a_host_mmap_of_the_file_serves_as_the_home_without_copies() {
         libc::munmap(base, len);
     }
 }
+
+/// A read whose first pages the page cache holds and whose rest it does not: the cached part
+/// is copied from the cache, the rest read from the disk (directly where it can be), and the
+/// bytes are the file's, at any alignment.
+#[test]
+fn reads_across_cached_and_uncached_pages_are_exact() {
+    use offload_engine::diskio::{drop_page_cache, FileSet, ModelFile};
+    let dir = std::env::temp_dir().join(format!("oe-partial-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("data.bin");
+    let bytes: Vec<u8> = (0..(8u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let files = FileSet::open(&[ModelFile {
+        path: path.clone(),
+        stamp: None,
+    }])
+    .unwrap();
+    for (start, len, warm) in [
+        (0usize, 4usize << 20, 1usize << 20),
+        (4096, 2 << 20, 12288),
+        (1000, 3 << 20, 5000),
+        (6 << 20, 2 << 20, 0),
+    ] {
+        drop_page_cache(&path).unwrap();
+        // Warm the first `warm` bytes of the range only.
+        if warm > 0 {
+            let mut sink = vec![0u8; warm];
+            use std::os::unix::fs::FileExt;
+            std::fs::File::open(&path)
+                .unwrap()
+                .read_exact_at(&mut sink, start as u64)
+                .unwrap();
+        }
+        // An aligned destination, as the engine's slots are.
+        let mut buffer = vec![0u8; len + 8192];
+        let pad = buffer.as_ptr().align_offset(4096);
+        let dst = &mut buffer[pad..pad + len];
+        files.read(0, start as u64, dst, len as u64).unwrap();
+        assert!(dst == &bytes[start..start + len], "range {start}+{len}, {warm} warm");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -126,7 +126,8 @@ pub fn measure(model: &Path, device: Option<&str>, quick: bool) -> Result<LlamaB
             let c = compare(&warm, r);
             c.tokens_identical && c.logits_identical
         });
-        let rate = |runs: &[RunResult], f: fn(&RunResult) -> f64| median(runs.iter().map(f).collect());
+        let rate =
+            |runs: &[RunResult], f: fn(&RunResult) -> f64| median(runs.iter().map(f).collect());
         let prefill = rate(&streamed, RunResult::prefill_tokens_per_second);
         let decode = rate(&streamed, RunResult::decode_tokens_per_second);
         let reference_prefill = rate(&reference, RunResult::prefill_tokens_per_second);
@@ -185,7 +186,11 @@ pub fn run_llama_bench(model: &Path, device: Option<&str>, json: bool, quick: bo
                 b.resident_layers,
                 b.streamed_layers,
                 format_bytes(b.bytes_per_token),
-                if b.identical { "identical" } else { "DIFFERENT" }
+                if b.identical {
+                    "identical"
+                } else {
+                    "DIFFERENT"
+                }
             );
             println!(
                 "    prefill {:8.1} tok/s vs {:8.1} unmodified: ratio {:.3}",
