@@ -181,12 +181,20 @@ impl Device {
         self.raw
     }
 
-    /// (free, total) bytes as the device reports them now.
+    /// (free, total) bytes as the device reports them now. The CPU device's memory is the
+    /// process's: inside a memory cgroup, the limit and what the group uses bound it.
     pub fn memory(&self) -> (u64, u64) {
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: valid device handle and out-pointers.
         unsafe { sys::ggml_backend_dev_memory(self.raw, &mut free, &mut total) };
-        (free as u64, total as u64)
+        let (mut free, mut total) = (free as u64, total as u64);
+        if self.kind == DeviceKind::Cpu {
+            if let Some((limit, usage)) = cgroup_memory() {
+                total = total.min(limit);
+                free = free.min(limit.saturating_sub(usage));
+            }
+        }
+        (free, total)
     }
 
     /// A new backend instance (its own stream on GPUs).
@@ -470,4 +478,51 @@ pub fn describe_devices() -> Vec<String> {
 
 pub fn cstring(text: &str) -> CString {
     CString::new(text.replace('\0', " ")).expect("interior NULs were replaced")
+}
+
+/// The tightest memory limit of this process's cgroup and its ancestors, with that group's
+/// usage: (limit, usage) bytes. cgroup v2 (`memory.max`, `memory.current`) or v1
+/// (`memory.limit_in_bytes`, `memory.usage_in_bytes`); `None` without a limit.
+pub fn cgroup_memory() -> Option<(u64, u64)> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut best: Option<(u64, u64)> = None;
+    for line in groups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let (roots, limit_file, usage_file): (&[&str], _, _) = if controllers.is_empty() {
+            (
+                &["/sys/fs/cgroup", "/sys/fs/cgroup/unified"],
+                "memory.max",
+                "memory.current",
+            )
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (
+                &["/sys/fs/cgroup/memory"],
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        } else {
+            continue;
+        };
+        for root in roots {
+            let mut dir = std::path::PathBuf::from(format!("{root}{path}"));
+            loop {
+                let read = |file: &str| {
+                    std::fs::read_to_string(dir.join(file))
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                };
+                // "max" (v2) does not parse: no limit here. v1 reports a huge number.
+                if let (Some(limit), Some(usage)) = (read(limit_file), read(usage_file)) {
+                    if limit < (1 << 60) && best.is_none_or(|(l, _)| limit < l) {
+                        best = Some((limit, usage));
+                    }
+                }
+                if dir.as_os_str().len() <= root.len() || !dir.pop() {
+                    break;
+                }
+            }
+        }
+    }
+    best
 }

@@ -718,7 +718,12 @@ impl Engine {
 /// `reserve_bytes` of it are the host's (compute buffers, KV cache).
 pub fn budget_for(params: &EngineParams, device: &Device, reserve_bytes: u64) -> Budget {
     let (free_now, total) = device.memory();
-    let free = params.budget_bytes.unwrap_or(free_now);
+    let mut free = params.budget_bytes.unwrap_or(free_now);
+    // The CPU device's memory is the process's: a cgroup limit caps even a given budget,
+    // so a plan that could not live under it is refused now, not killed later.
+    if device.kind == crate::backend::DeviceKind::Cpu && crate::backend::cgroup_memory().is_some() {
+        free = free.min(free_now);
+    }
     let mut budget = Budget::from_free(free);
     budget.total_bytes = total.max(free);
     let explicit = params.budget_bytes.is_some();

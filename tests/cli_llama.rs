@@ -163,3 +163,53 @@ fn quick_llama_bench_reports_every_budget() {
     }
     assert!(stderr.contains("bench: [13/13]"), "{stderr}");
 }
+
+/// The memory-limited comparison, where this machine lets the test make a memory cgroup: a
+/// limit below the global tensors plus two slots is refused before loading, with the numbers;
+/// a roomier one runs both ways with the unlimited run's tokens.
+#[test]
+fn memory_limited_runs_refuse_or_match() {
+    let model = gemma().to_str().unwrap();
+    let (ok, stdout, stderr) = run(&[
+        "bench",
+        "--llama",
+        model,
+        "--memory-limit",
+        "150MiB",
+        "--quick",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    if stdout.starts_with("memory-limited comparison skipped") {
+        println!("note: {stdout}");
+        return;
+    }
+    let report = json(&stdout);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    let engine = &runs[2];
+    assert_eq!(engine["exit"], "exit 2", "{engine}");
+    let error = engine["error"].as_str().unwrap();
+    assert!(
+        error.contains("insufficient device memory") && error.contains("MiB"),
+        "{error}"
+    );
+    // Unmodified llama.cpp pages its mmap'd weights in and out, and still computes the same.
+    assert_eq!(runs[1]["tokens_identical"], true, "{}", runs[1]);
+
+    let (ok, stdout, stderr) = run(&[
+        "bench",
+        "--llama",
+        model,
+        "--memory-limit",
+        "300MiB",
+        "--quick",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report = json(&stdout);
+    for r in report["runs"].as_array().unwrap() {
+        assert_eq!(r["exit"], "exit 0", "{r}");
+        assert_eq!(r["tokens_identical"], true, "{r}");
+    }
+}

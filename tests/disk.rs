@@ -235,7 +235,9 @@ fn reads_across_cached_and_uncached_pages_are_exact() {
     let dir = std::env::temp_dir().join(format!("oe-partial-cache-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("data.bin");
-    let bytes: Vec<u8> = (0..(8u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&path, &bytes).unwrap();
     let files = FileSet::open(&[ModelFile {
         path: path.clone(),
@@ -263,7 +265,10 @@ fn reads_across_cached_and_uncached_pages_are_exact() {
         let pad = buffer.as_ptr().align_offset(4096);
         let dst = &mut buffer[pad..pad + len];
         files.read(0, start as u64, dst, len as u64).unwrap();
-        assert!(dst == &bytes[start..start + len], "range {start}+{len}, {warm} warm");
+        assert!(
+            dst == &bytes[start..start + len],
+            "range {start}+{len}, {warm} warm"
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }

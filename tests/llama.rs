@@ -35,6 +35,7 @@ fn options() -> RunOptions {
         prompt: "The three primary colors are".into(),
         n_predict: 8,
         n_ctx: 256,
+        n_ubatch: 256,
         threads: 2,
         mmap: true,
         threadpool: true,
@@ -70,10 +71,10 @@ fn assert_identical(reference: &RunResult, streamed: &RunResult, what: &str) {
     assert_eq!(reference.prompt_tokens, streamed.prompt_tokens, "{what}");
     assert_eq!(reference.tokens, streamed.tokens, "{what}: tokens");
     assert_eq!(reference.logits.len(), streamed.logits.len(), "{what}");
+    // Digests of every logit's bits (llama_run::logits_digest), per step.
     for (step, (a, b)) in reference.logits.iter().zip(&streamed.logits).enumerate() {
-        let same = a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(
-            same,
+        assert_eq!(
+            a, b,
             "{what}: logits differ at step {step} (0 is the prefill)"
         );
     }

@@ -30,6 +30,11 @@ pub struct BenchArgs {
     #[cfg(feature = "vendored-ggml")]
     #[arg(long, value_name = "MODEL", conflicts_with = "disk")]
     pub llama: Option<std::path::PathBuf>,
+    /// With --llama: run llama.cpp on the CPU in a memory cgroup of this size (below the
+    /// model's), unmodified (mmap) and through the engine from the file, side by side.
+    #[cfg(feature = "vendored-ggml")]
+    #[arg(long, value_parser = crate::args::size, requires = "llama")]
+    pub memory_limit: Option<u64>,
     /// Write the traced run's timeline (copy, wait and compute lanes) as Chrome trace-event
     /// JSON (open in Perfetto).
     #[arg(long)]
@@ -41,12 +46,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let load_start = load_average();
     #[cfg(feature = "vendored-ggml")]
     if let Some(model) = &args.llama {
-        let outcome = crate::bench_llama::run_llama_bench(
-            model,
-            args.device.as_deref(),
-            args.json,
-            args.quick,
-        );
+        let outcome = match args.memory_limit {
+            Some(limit) => {
+                crate::bench_cgroup::run_memory_limited(model, limit, args.json, args.quick)
+            }
+            None => crate::bench_llama::run_llama_bench(
+                model,
+                args.device.as_deref(),
+                args.json,
+                args.quick,
+            ),
+        };
         if !args.json {
             report_load(load_start, load_average());
         }

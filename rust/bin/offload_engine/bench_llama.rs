@@ -87,6 +87,7 @@ pub fn measure(model: &Path, device: Option<&str>, quick: bool) -> Result<LlamaB
         prompt: PROMPT.into(),
         n_predict: if quick { 16 } else { 48 },
         n_ctx: 256,
+        n_ubatch: 256,
         threads: std::thread::available_parallelism().map_or(2, |n| n.get() as i32),
         mmap: true,
         threadpool: true,

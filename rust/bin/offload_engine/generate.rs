@@ -49,6 +49,14 @@ pub struct GenerateArgs {
     /// Context length.
     #[arg(long, default_value_t = 512)]
     pub ctx_size: u32,
+    /// Tokens per graph (llama.cpp's n_ubatch); llama.cpp's compute buffers grow with it
+    /// (the logits alone take ubatch x vocabulary floats).
+    #[arg(long, default_value_t = 512)]
+    pub ubatch: u32,
+    /// Run only unmodified llama.cpp (for comparisons made elsewhere, e.g. under a memory
+    /// limit).
+    #[arg(long, conflicts_with = "compare")]
+    pub no_engine: bool,
     /// Load with plain reads instead of llama.cpp's mmap.
     #[arg(long)]
     pub no_mmap: bool,
@@ -74,6 +82,7 @@ impl GenerateArgs {
             prompt: self.prompt.clone(),
             n_predict: self.n_predict,
             n_ctx: self.ctx_size,
+            n_ubatch: self.ubatch,
             threads: self.threads,
             mmap: !self.no_mmap,
             threadpool: !self.no_threadpool,
@@ -95,7 +104,7 @@ impl GenerateArgs {
             compute_reserve_bytes: self.compute_reserve,
             kv_cache_bytes: self.kv_cache,
             n_ctx: self.ctx_size,
-            n_ubatch: self.ctx_size.min(512),
+            n_ubatch: self.ubatch.min(self.ctx_size),
             file_backed: self.file_backed,
             layer_output_pattern: None,
             link: defaults.link,
@@ -113,17 +122,8 @@ pub struct Comparison {
 }
 
 pub fn compare(reference: &RunResult, streamed: &RunResult) -> Comparison {
-    let same_bits = |a: &[f32], b: &[f32]| {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-    };
     let steps = reference.logits.len().max(streamed.logits.len());
-    let first_logits =
-        (0..steps).find(
-            |&i| match (reference.logits.get(i), streamed.logits.get(i)) {
-                (Some(a), Some(b)) => !same_bits(a, b),
-                _ => true,
-            },
-        );
+    let first_logits = (0..steps).find(|&i| reference.logits.get(i) != streamed.logits.get(i));
     let first_token = (0..reference.tokens.len().max(streamed.tokens.len()))
         .find(|&i| reference.tokens.get(i) != streamed.tokens.get(i));
     Comparison {
@@ -173,6 +173,28 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         return Err(Error::invalid("--n-predict must be at least 1"));
     }
     let options = args.run_options();
+    if args.no_engine {
+        let (result, _) = run(&args.model, &options, None)?;
+        if args.json {
+            let output = serde_json::json!({
+                "model": args.model.display().to_string(),
+                "prompt_tokens": result.prompt_tokens,
+                "text": result.text,
+                "tokens": result.tokens,
+                "prefill_tokens_per_second": result.prefill_tokens_per_second(),
+                "decode_tokens_per_second": result.decode_tokens_per_second(),
+            });
+            println!("{output:#}");
+        } else {
+            println!("{}", result.text.trim_start());
+            println!(
+                "prefill: {:.1} tokens/s; decode: {:.1} tokens/s (unmodified llama.cpp)",
+                result.prefill_tokens_per_second(),
+                result.decode_tokens_per_second()
+            );
+        }
+        return Ok(());
+    }
     let reference = if args.compare {
         if !args.json {
             eprintln!("reference: unmodified llama.cpp, every weight resident");

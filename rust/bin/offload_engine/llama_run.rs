@@ -18,6 +18,8 @@ pub struct RunOptions {
     pub prompt: String,
     pub n_predict: u32,
     pub n_ctx: u32,
+    /// Tokens per graph (llama.cpp's n_ubatch): the prompt is decoded in pieces this long.
+    pub n_ubatch: u32,
     pub threads: i32,
     /// llama.cpp's mmap loading (its default) or plain reads.
     pub mmap: bool,
@@ -36,8 +38,10 @@ pub struct RunResult {
     pub prompt_tokens: usize,
     /// The generated tokens.
     pub tokens: Vec<i32>,
-    /// The logits after the prompt, then after each generated token was decoded.
-    pub logits: Vec<Vec<f32>>,
+    /// The logits after the prompt, then after each generated token was decoded, as digests
+    /// of their bits (`logits_digest`): a run keeps 16 bytes per step, not a vocabulary's
+    /// worth of floats (1 MiB per step for Gemma 3).
+    pub logits: Vec<[u64; 2]>,
     pub text: String,
     pub prefill_seconds: f64,
     /// Decode calls after the prompt, and their time.
@@ -62,8 +66,9 @@ pub struct StreamReport {
     pub stats: StreamStats,
 }
 
-/// llama.cpp's log lines go to ours at debug level (errors and warnings as warnings), so a
-/// run prints what the command says, not llama.cpp's load report.
+/// llama.cpp's log lines go to ours, errors as warnings and the rest (its load report, its
+/// notes about the model file) at info and debug level, so a run prints what the command
+/// says; RUST_LOG=info shows llama.cpp's warnings.
 unsafe extern "C" fn forward_log(level: ll::ggml_log_level, text: *const c_char, _: *mut c_void) {
     if text.is_null() {
         return;
@@ -74,8 +79,10 @@ unsafe extern "C" fn forward_log(level: ll::ggml_log_level, text: *const c_char,
     if message.is_empty() {
         return;
     }
-    if level == ll::GGML_LOG_LEVEL_ERROR || level == ll::GGML_LOG_LEVEL_WARN {
+    if level == ll::GGML_LOG_LEVEL_ERROR {
         log::warn!("llama.cpp: {message}");
+    } else if level == ll::GGML_LOG_LEVEL_WARN {
+        log::info!("llama.cpp: {message}");
     } else {
         log::debug!("llama.cpp: {message}");
     }
@@ -226,10 +233,13 @@ impl<'m> Session<'m> {
         let mut params = unsafe { ll::llama_context_default_params() };
         params.n_ctx = options.n_ctx;
         params.n_batch = options.n_ctx;
-        params.n_ubatch = options.n_ctx.min(512);
+        params.n_ubatch = options.n_ubatch.clamp(1, options.n_ctx);
         params.n_threads = options.threads;
         params.n_threads_batch = options.threads;
         params.no_perf = true;
+        // Only the last token's logits are sampled: llama.cpp's output buffer (outputs x
+        // vocabulary floats, 128 MiB for 128 outputs of Gemma 3's 262,144 tokens) stays small.
+        params.n_outputs_max = 1;
         let mut eval = None;
         match (model.hook(), host) {
             (Some(hook), host) => {
@@ -306,12 +316,12 @@ impl<'m> Session<'m> {
         let vocab = unsafe { ll::llama_model_get_vocab(self.model.raw) };
         // SAFETY: as above.
         let n_vocab = unsafe { ll::llama_vocab_n_tokens(vocab) }.max(0) as usize;
-        let logits_now = || -> Vec<f32> {
+        let logits_now = || -> &[f32] {
             // SAFETY: the last decode asked for its last token's output (batch_get_one);
-            // llama.cpp keeps n_vocab floats for it.
+            // llama.cpp keeps n_vocab floats for it until the next decode.
             unsafe {
                 let ptr = ll::llama_get_logits_ith(self.raw, -1);
-                std::slice::from_raw_parts(ptr, n_vocab).to_vec()
+                std::slice::from_raw_parts(ptr, n_vocab)
             }
         };
         let mut tokens = vec![0i32; options.prompt.len() + 8];
@@ -345,13 +355,14 @@ impl<'m> Session<'m> {
         let start = Instant::now();
         self.decode(&mut tokens)?;
         let prefill_seconds = start.elapsed().as_secs_f64();
-        let mut logits = vec![logits_now()];
+        let mut logits = vec![logits_digest(logits_now())];
+        let mut next = argmax(logits_now());
         let mut generated = Vec::new();
         let mut decode_seconds = 0.0f64;
         let mut decode_steps = 0;
         let mut text = String::new();
         for i in 0..options.n_predict {
-            let token = argmax(logits.last().expect("at least the prompt's"));
+            let token = next;
             // SAFETY: a token of this vocabulary.
             if unsafe { ll::llama_vocab_is_eog(vocab, token) } {
                 break;
@@ -381,7 +392,8 @@ impl<'m> Session<'m> {
             self.decode(&mut [token])?;
             decode_seconds += step.elapsed().as_secs_f64();
             decode_steps += 1;
-            logits.push(logits_now());
+            logits.push(logits_digest(logits_now()));
+            next = argmax(logits_now());
         }
         if options.progress {
             eprintln!();
@@ -400,6 +412,21 @@ impl<'m> Session<'m> {
 
 fn backend_error(what: impl Into<String>) -> Error {
     Error::new(Status::Backend, what)
+}
+
+/// A 128-bit digest of the logits' bits, two independent multiply-xorshift lanes over the
+/// words: two runs' logits are bit-identical exactly when their digests are (a collision
+/// between different logits has probability about 2^-128).
+pub fn logits_digest(logits: &[f32]) -> [u64; 2] {
+    let mut lanes = [0x9e37_79b9_7f4a_7c15u64, 0xc2b2_ae3d_27d4_eb4fu64];
+    for (i, &v) in logits.iter().enumerate() {
+        let word = u64::from(v.to_bits()) ^ ((i as u64) << 32);
+        lanes[0] = (lanes[0] ^ word)
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(29);
+        lanes[1] = (lanes[1].rotate_left(17) ^ word).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    }
+    lanes
 }
 
 /// The index of the largest logit (the first one on ties): greedy sampling.

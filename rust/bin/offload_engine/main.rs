@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 mod args;
 mod bench;
 #[cfg(feature = "vendored-ggml")]
+mod bench_cgroup;
+#[cfg(feature = "vendored-ggml")]
 mod bench_llama;
 mod demo;
 #[cfg(feature = "vendored-ggml")]
