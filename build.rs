@@ -11,6 +11,9 @@ const HOST_GGML_LINK_VAR: &str = "OFFLOAD_ENGINE_GGML_LINK";
 /// The host ggml's source tree (the directory holding `src/ggml-backend-impl.h`), for the
 /// buffer type the llama.cpp drop-in implements. Without it that drop-in is left out.
 const HOST_GGML_SRC_VAR: &str = "OFFLOAD_ENGINE_GGML_SRC";
+/// Compile definitions the host builds its ggml with, e.g. `GGML_MAX_NAME=128`
+/// (stable-diffusion.cpp's): they change ggml's struct layouts, so the bindings must see them.
+const HOST_GGML_DEFINES_VAR: &str = "OFFLOAD_ENGINE_GGML_DEFINES";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -18,6 +21,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed={HOST_GGML_VAR}");
     println!("cargo:rerun-if-env-changed={HOST_GGML_LINK_VAR}");
     println!("cargo:rerun-if-env-changed={HOST_GGML_SRC_VAR}");
+    println!("cargo:rerun-if-env-changed={HOST_GGML_DEFINES_VAR}");
     println!("cargo:rerun-if-changed=vendor/ggml_backend_impl.h");
     println!("cargo::rustc-check-cfg=cfg(offload_engine_backend_impl)");
 
@@ -108,9 +112,21 @@ fn host_ggml(dir: &Path) -> PathBuf {
     include
 }
 
+/// `-DNAME=VALUE` for each definition in OFFLOAD_ENGINE_GGML_DEFINES (separated by spaces,
+/// commas or semicolons).
+fn ggml_defines() -> Vec<String> {
+    env::var(HOST_GGML_DEFINES_VAR)
+        .unwrap_or_default()
+        .split(|c: char| c.is_whitespace() || c == ',' || c == ';')
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("-D{}", d.trim_start_matches("-D")))
+        .collect()
+}
+
 fn generate_bindings(include_dir: &Path) {
     let bindings = bindgen::Builder::default()
         .header("vendor/ggml_api.h")
+        .clang_args(ggml_defines())
         .clang_arg(format!("-I{}", include_dir.display()))
         .allowlist_function("ggml_.*")
         .allowlist_function("gguf_.*")
@@ -187,6 +203,7 @@ fn generate_backend_impl_bindings(include_dir: &Path, source: Option<PathBuf>) {
     });
     let bindings = bindgen::Builder::default()
         .header("vendor/ggml_backend_impl.h")
+        .clang_args(ggml_defines())
         .clang_arg(format!("-I{}", include_dir.display()))
         .clang_arg(format!("-I{}", source.join("src").display()))
         .allowlist_type("ggml_backend_buffer_i")

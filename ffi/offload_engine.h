@@ -208,6 +208,13 @@ int offload_engine_registry_architecture(offload_engine_registry *registry, cons
 
 /* Tensor id by name: ERR_NOT_FOUND if unknown. Ids from another registry: ERR_INVALID_HANDLE. */
 int offload_engine_registry_find(offload_engine_registry *registry, const char *name, uint64_t *id_out);
+/* Puts tensor `id` in layer number `layer`, for hosts that know where each weight is used
+ * (stable-diffusion.cpp's graph-cut segments) better than a name pattern. Layers run in the
+ * order of their numbers, which need not be contiguous; each is named "layer.<number>".
+ * Once a registry has an assignment, assignments alone define its layers: every tensor
+ * without one is global (always resident). Not after a plan used the registry
+ * (ERR_INVALID_STATE); an id of another registry is ERR_INVALID_HANDLE. */
+int offload_engine_registry_assign(offload_engine_registry *registry, uint64_t id, uint32_t layer);
 int offload_engine_registry_tensor_info(offload_engine_registry *registry, uint64_t id, offload_engine_tensor_info *info_out);
 int offload_engine_registry_layer_info(offload_engine_registry *registry, uint64_t layer, offload_engine_layer_info *info_out);
 
@@ -240,6 +247,9 @@ typedef struct offload_engine_plan_params {
     uint32_t prefetch_depth;        /* layers copied ahead; default 1 */
     const char *link;  /* "pcie4-x16", "pcie3-x16", "usb2", "nvme", "ddr4", ...; NULL: pcie4-x16 */
     double link_gbps;  /* overrides `link` when non-zero */
+    /* At most this many resident layers (the ones that save the most traffic stay; the rest
+     * stream); UINT32_MAX (the default): as many as the budget holds. */
+    uint32_t max_resident_layers;
 } offload_engine_plan_params;
 
 typedef struct offload_engine_plan_summary {
@@ -374,6 +384,14 @@ void offload_engine_engine_free(offload_engine_engine *engine);
 /* The engine's compute backend; owned by the engine, valid until engine_free. */
 int offload_engine_engine_backend(offload_engine_engine *engine, struct ggml_backend **backend_out);
 
+/* The backend the host computes the layers on (its own stream), so the events that let a
+ * slot be refilled are recorded where the layer's kernels run; NULL goes back to the engine's
+ * backend. Needed when the host computes on a backend of its own rather than the engine's
+ * (on a GPU, recording on the engine's stream would let a copy overwrite a slot the host's
+ * kernels still read). It must be on the engine's device (else ERR_INVALID_ARGUMENT) and
+ * stay alive while the engine uses it; not while a pass is open. */
+int offload_engine_engine_set_compute_backend(offload_engine_engine *engine, struct ggml_backend *backend);
+
 /* Plans with `params`, allocates the device arena once and places the resident layers.
  * free_bytes non-zero: this placement is planned exactly as offload_engine_plan_new plans
  * with the same params (free memory, min_free_bytes, safety_fraction, reserves); later
@@ -407,6 +425,13 @@ int offload_engine_engine_pass_begin(offload_engine_engine *engine);
 int offload_engine_engine_pass_end(offload_engine_engine *engine);
 int offload_engine_engine_layer_begin(offload_engine_engine *engine, uint64_t layer);
 int offload_engine_engine_layer_end(offload_engine_engine *engine, uint64_t layer);
+/* Layers first..first+count-1 at once, for a host that computes consecutive layers as one
+ * graph (stable-diffusion.cpp merges graph-cut segments): layers_begin makes them all usable,
+ * layers_end (with the same first and count) ends them. The streamed layers among them must
+ * fit the plan's slots together (slot_count of the plan summary), else ERR_INVALID_ARGUMENT.
+ * layer_begin(l) is layers_begin(l, 1). */
+int offload_engine_engine_layers_begin(offload_engine_engine *engine, uint64_t first, uint64_t count);
+int offload_engine_engine_layers_end(offload_engine_engine *engine, uint64_t first, uint64_t count);
 
 /* Waits for in-flight copies and returns streamed layers to host memory (closes any pass). */
 int offload_engine_engine_offload_all(offload_engine_engine *engine);

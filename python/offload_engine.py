@@ -123,6 +123,7 @@ class _PlanParams(ctypes.Structure):
         ("prefetch_depth", ctypes.c_uint32),
         ("link", ctypes.c_char_p),
         ("link_gbps", ctypes.c_double),
+        ("max_resident_layers", ctypes.c_uint32),
     ]
 
 

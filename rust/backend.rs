@@ -222,6 +222,16 @@ impl Device {
         unsafe { sys::ggml_backend_dev_buffer_type(self.raw) }
     }
 
+    /// The device's pinned host buffer type, if it has one.
+    pub fn pinned_buffer_type(&self) -> Option<sys::ggml_backend_buffer_type_t> {
+        if !self.pinned_host {
+            return None;
+        }
+        // SAFETY: valid device handle.
+        let buft = unsafe { sys::ggml_backend_dev_host_buffer_type(self.raw) };
+        (!buft.is_null()).then_some(buft)
+    }
+
     /// Allocates pinned host memory, or `None` when the device has no pinned buffer type.
     pub fn alloc_pinned(&self, bytes: u64) -> Option<Result<Buffer>> {
         if !self.pinned_host {

@@ -63,6 +63,8 @@ pub struct Engine {
     params: EngineParams,
     device: Device,
     backend: Backend,
+    /// The host's backend for the slots' compute-done events (`set_compute_backend`).
+    host_backend: Option<sys::ggml_backend_t>,
     registry: Registry,
     plan: Option<Plan>,
     streamer: Option<Streamer>,
@@ -140,6 +142,7 @@ impl Engine {
             params,
             device,
             backend,
+            host_backend: None,
             registry,
             plan: None,
             streamer: None,
@@ -483,7 +486,7 @@ impl Engine {
             };
             match Streamer::new(
                 &self.device,
-                Some(self.backend.raw()),
+                Some(self.compute_backend()),
                 all_images,
                 &resident,
                 plan.slot_count as usize,
@@ -563,6 +566,7 @@ impl Engine {
         };
         let mut chosen = Vec::new();
         let mut total = 0u64;
+        let pinned_type = self.device.pinned_buffer_type();
         for &layer in streamed {
             if images[layer]
                 .tensors
@@ -570,6 +574,16 @@ impl Engine {
                 .any(|t| !matches!(t.source, TensorSource::Memory(_)))
             {
                 continue; // disk tier: the file is the home, nothing is held in host memory
+            }
+            let home_is_pinned = |t: &TensorPlace| match pinned_type {
+                Some(pinned) if !t.home_buffer.is_null() => {
+                    // SAFETY: a home buffer the host keeps alive with its tensors.
+                    unsafe { sys::ggml_backend_buffer_get_type(t.home_buffer) == pinned }
+                }
+                _ => false,
+            };
+            if images[layer].tensors.iter().all(home_is_pinned) {
+                continue; // the host's home is the device's pinned memory already
             }
             let bytes = images[layer].image_bytes;
             if total + bytes > limit {
@@ -666,13 +680,69 @@ impl Engine {
     }
 
     pub fn begin_layer(&mut self, layer: usize) -> Result<()> {
-        self.check_host_layer(layer)?;
-        self.streamer()?.begin_layer(layer)
+        self.begin_layers(layer, 1)
     }
 
     pub fn end_layer(&mut self, layer: usize) -> Result<()> {
-        self.check_host_layer(layer)?;
-        self.streamer()?.end_layer(layer)
+        self.end_layers(layer, 1)
+    }
+
+    /// Opens layers `first..first + count` together (a host that computes consecutive layers
+    /// as one graph); see `Streamer::begin_layers`.
+    pub fn begin_layers(&mut self, first: usize, count: usize) -> Result<()> {
+        self.check_host_range(first, count)?;
+        self.streamer()?.begin_layers(first, count)
+    }
+
+    pub fn end_layers(&mut self, first: usize, count: usize) -> Result<()> {
+        self.check_host_range(first, count)?;
+        self.streamer()?.end_layers(first, count)
+    }
+
+    fn check_host_range(&mut self, first: usize, count: usize) -> Result<()> {
+        self.check_host_layer(first)?;
+        let layers = self.registry.layer_count();
+        if count == 0 || first.checked_add(count).is_none_or(|end| end > layers) {
+            return Err(Error::not_found(format!(
+                "layers {first}..{first}+{count} out of range (model has {layers} layers)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records the slots' compute-done events on the host's own backend (its stream), the
+    /// one it computes the layers on, instead of the engine's; `None` goes back to the
+    /// engine's. The backend must belong to the engine's device and outlive its use here.
+    pub fn set_compute_backend(&mut self, backend: Option<sys::ggml_backend_t>) -> Result<()> {
+        if let Some(raw) = backend {
+            if raw.is_null() {
+                return Err(Error::new(Status::NullPointer, "backend is NULL"));
+            }
+            // SAFETY: a non-null backend the caller vouches for.
+            let device = unsafe { sys::ggml_backend_get_device(raw) };
+            if device != self.device.raw() {
+                return Err(Error::invalid(format!(
+                    "the backend is not on the engine's device {}",
+                    self.device.name
+                )));
+            }
+        }
+        if self.streamer.as_ref().is_some_and(|s| s.in_pass()) {
+            return Err(Error::state(
+                "cannot change the compute backend while a pass is open",
+            ));
+        }
+        self.host_backend = backend;
+        let compute = self.compute_backend();
+        if let Some(streamer) = &mut self.streamer {
+            streamer.set_compute_backend(compute);
+        }
+        Ok(())
+    }
+
+    /// The backend slots' compute-done events are recorded on.
+    fn compute_backend(&self) -> sys::ggml_backend_t {
+        self.host_backend.unwrap_or_else(|| self.backend.raw())
     }
 
     /// Waits for in-flight copies and points streamed layers back at their host homes.

@@ -20,3 +20,14 @@ pub mod backend_impl {
     /// The ggml version whose sources these bindings were generated from.
     pub const GGML_BUILD_VERSION: &str = env!("OFFLOAD_ENGINE_GGML_BUILD_VERSION");
 }
+
+/// The bytes a tensor name may take, NUL included: `GGML_MAX_NAME` as the linked ggml was
+/// compiled (64 by default, 128 in stable-diffusion.cpp's build). Read from the struct the
+/// bindings were generated with, since a definition given on the command line
+/// (OFFLOAD_ENGINE_GGML_DEFINES) does not reach bindgen's list of constants.
+pub fn max_name_bytes() -> usize {
+    // SAFETY: ggml_tensor is plain data (integers, pointers, arrays of them); all-zero bytes
+    // are a valid value. Only the array's length is read.
+    let t: ggml_tensor = unsafe { std::mem::zeroed() };
+    t.name.len()
+}

@@ -836,7 +836,7 @@ impl Pipeline {
             steps: self.params.steps,
             passes_per_step: self.params.passes_per_step,
             prefetch_depth: self.params.prefetch_depth,
-            activation_bytes_per_layer: 0,
+            ..Workload::default()
         }
     }
 

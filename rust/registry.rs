@@ -170,6 +170,9 @@ pub struct Registry {
     owned_contexts: Vec<std::sync::Arc<crate::backend::Context>>,
     grouped: bool,
     frozen: bool,
+    /// Host-given layers (tensor index -> layer number): when there are any, they define the
+    /// layers and every other tensor is global.
+    assigned: HashMap<u32, u32>,
 }
 
 // SAFETY: the raw pointers a registry holds are the host's tensors (and contexts it owns
@@ -268,6 +271,7 @@ impl Registry {
             owned_contexts: Vec::new(),
             grouped: false,
             frozen: false,
+            assigned: HashMap::new(),
         }
     }
 
@@ -441,7 +445,7 @@ impl Registry {
         self.check_not_frozen("register tensors")?;
         let (file, stamp) = gguf::read_path_stamped(path)?;
         // ggml keeps names in a fixed array; a longer name would be cut and no longer match.
-        let max_name = crate::ggml::GGML_MAX_NAME as usize - 1;
+        let max_name = crate::ggml::max_name_bytes() - 1;
         if let Some(long) = file.tensors.iter().find(|t| t.name.len() > max_name) {
             return Err(Error::new(
                 Status::Unsupported,
@@ -778,7 +782,35 @@ impl Registry {
     fn truncate(&mut self, len: usize) {
         self.tensors.truncate(len);
         self.by_hash.retain(|_, index| (*index as usize) < len);
+        self.assigned.retain(|&index, _| (index as usize) < len);
         self.grouped = false;
+    }
+
+    /// Puts a tensor in layer `layer` explicitly, for hosts that know where each weight is
+    /// used (stable-diffusion.cpp's graph-cut segments) better than any name pattern. Layers
+    /// run in the order of their numbers (numbers need not be contiguous). Once a registry
+    /// has an assignment, assignments alone define its layers: every tensor without one is
+    /// global (always resident), whatever the pattern says.
+    pub fn assign(&mut self, id: TensorId, layer: u32) -> Result<()> {
+        self.check_not_frozen("assign tensors to layers")?;
+        let index = self.check_id(id)?;
+        self.assigned.insert(index as u32, layer);
+        self.grouped = false;
+        Ok(())
+    }
+
+    /// The layer a host-assigned tensor is in (`assign`), as the pattern would name it.
+    fn assigned_layer(&self, index: usize) -> Option<patterns::Matched> {
+        self.assigned
+            .get(&(index as u32))
+            .map(|&n| patterns::Matched {
+                layer_name: format!("layer.{n}"),
+                order: LayerKey {
+                    kind_rank: 0,
+                    index: u64::from(n),
+                    sub_rank: 0,
+                },
+            })
     }
 
     pub fn files(&self) -> &[ModelFile] {
@@ -826,17 +858,38 @@ impl Registry {
         let mut by_layer: HashMap<Component, HashMap<String, usize>> = HashMap::new();
         let mut layers: Vec<Layer> = Vec::new();
         let mut global = Vec::new();
+        let explicit = !self.assigned.is_empty();
+        let assigned: Vec<Option<patterns::Matched>> = (0..self.tensors.len())
+            .map(|i| {
+                if explicit {
+                    self.assigned_layer(i)
+                } else {
+                    None
+                }
+            })
+            .collect();
         for (index, tensor) in self.tensors.iter_mut().enumerate() {
             let id = TensorId::new(self.serial, index as u32);
-            match pattern.match_name(&tensor.name) {
+            let matched = if explicit {
+                assigned[index].clone()
+            } else {
+                pattern.match_name(&tensor.name)
+            };
+            // Assigned layer numbers are the host's, across all its tensors' components.
+            let component = if explicit {
+                Component::Unknown
+            } else {
+                tensor.component
+            };
+            match matched {
                 Some(matched) => {
-                    let in_component = by_layer.entry(tensor.component).or_default();
+                    let in_component = by_layer.entry(component).or_default();
                     let slot = match in_component.get(matched.layer_name.as_str()) {
                         Some(&slot) => slot,
                         None => {
                             layers.push(Layer {
                                 name: matched.layer_name.clone(),
-                                component: tensor.component,
+                                component,
                                 tensors: Vec::new(),
                                 bytes: 0,
                                 location: tensor.location,
@@ -893,10 +946,14 @@ impl Registry {
             .collect();
         self.global = global;
         log::debug!(
-            "grouped {} tensors into {} layers with pattern {} ({} always resident)",
+            "grouped {} tensors into {} layers {} ({} always resident)",
             self.tensors.len(),
             self.layers.len(),
-            pattern.name(),
+            if explicit {
+                "as the host assigned them".to_string()
+            } else {
+                format!("with pattern {}", pattern.name())
+            },
             self.global.len()
         );
         self.pattern = Some(pattern);

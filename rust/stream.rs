@@ -399,13 +399,15 @@ pub struct StreamConfig {
     pub parked: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum LayerState {
     Idle,
+    /// Layers `first..first + slots.len()` are open (one, or a range the host computes as
+    /// one graph); each streamed one holds its slot.
     Open {
-        layer: usize,
+        first: usize,
         since: Instant,
-        slot: Option<usize>,
+        slots: Vec<Option<usize>>,
     },
 }
 
@@ -762,6 +764,13 @@ impl Streamer {
         self.arena.size()
     }
 
+    /// The backend the slots' compute-done events are recorded on from now on.
+    pub fn set_compute_backend(&mut self, backend: sys::ggml_backend_t) {
+        if self.compute_backend.is_some() {
+            self.compute_backend = Some(backend);
+        }
+    }
+
     /// In parked placement, the one slot a streamed layer is ever loaded into.
     fn fixed_slot(&self, layer: usize) -> Option<usize> {
         let position = self.position_in_order[layer]?;
@@ -821,7 +830,7 @@ impl Streamer {
         if !self.in_pass {
             return Err(Error::state("end_pass without begin_pass"));
         }
-        if let LayerState::Open { .. } = self.open {
+        if matches!(self.open, LayerState::Open { .. }) {
             return Err(Error::state(
                 "end_pass while a layer is still open (call end_layer first)",
             ));
@@ -879,52 +888,110 @@ impl Streamer {
 
     /// Makes `layer` usable on the device: waits only if its copy is not done yet.
     pub fn begin_layer(&mut self, layer: usize) -> Result<()> {
-        self.check_layer(layer)?;
+        self.begin_layers(layer, 1)
+    }
+
+    /// Makes layers `first..first + count` usable at once, for a host that computes them as
+    /// one graph. Their streamed layers must fit the slots together (and, parked, must not
+    /// share a fixed slot).
+    pub fn begin_layers(&mut self, first: usize, count: usize) -> Result<()> {
+        let end = first
+            .checked_add(count)
+            .filter(|&end| count > 0 && end <= self.layers.len())
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "layers {first}..{first}+{count} out of range (model has {} layers)",
+                    self.layers.len()
+                ))
+            })?;
         if !self.in_pass {
             return Err(Error::state(
                 "begin_layer outside a pass (call begin_pass first)",
             ));
         }
-        if let LayerState::Open { .. } = self.open {
+        if let LayerState::Open { first: open, .. } = self.open {
             return Err(Error::state(format!(
-                "begin_layer({layer}) while another layer is open (call end_layer first)"
+                "begin_layer({first}) while layer {open} is open (call end_layer first)"
             )));
         }
-        let start = Instant::now();
-        self.stats.layers[layer].begin_count += 1;
-        if self.is_resident(layer) {
-            self.open = LayerState::Open {
-                layer,
-                since: start,
-                slot: None,
-            };
-            return Ok(());
+        let streamed: Vec<usize> = (first..end).filter(|&l| !self.is_resident(l)).collect();
+        if streamed.len() > self.slot_offsets.len() {
+            return Err(Error::invalid(format!(
+                "layers {first}..{end} stream {} layers at once, more than the {} slots of the plan",
+                streamed.len(),
+                self.slot_offsets.len()
+            )));
         }
-        let slot = self.acquire(layer)?;
+        if self.parked {
+            let mut fixed: Vec<usize> = streamed
+                .iter()
+                .filter_map(|&l| self.fixed_slot(l))
+                .collect();
+            fixed.sort_unstable();
+            if fixed.windows(2).any(|w| w[0] == w[1]) {
+                return Err(Error::invalid(format!(
+                    "layers {first}..{end} share a fixed slot: open fewer at once"
+                )));
+            }
+        }
+        let start = Instant::now();
+        let mut slots = vec![None; count];
+        for layer in first..end {
+            self.stats.layers[layer].begin_count += 1;
+            if self.is_resident(layer) {
+                continue;
+            }
+            let acquired = self.acquire(layer, first..end);
+            let slot = match acquired {
+                Ok(slot) => slot,
+                Err(err) => {
+                    // Give back what this call took: nothing is half open.
+                    let mut shared = self.sync.lock();
+                    for s in slots.iter().flatten() {
+                        shared.slots[*s] = SlotState::Free;
+                    }
+                    drop(shared);
+                    for l in first..layer {
+                        if !self.is_resident(l) && !self.parked {
+                            self.restore(l);
+                        }
+                    }
+                    return Err(err);
+                }
+            };
+            self.redirect(layer, self.slot_offsets[slot]);
+            slots[layer - first] = Some(slot);
+        }
         let waited = start.elapsed();
-        self.redirect(layer, self.slot_offsets[slot]);
         let now = Instant::now();
-        if waited.as_micros() > 0 {
+        if waited.as_micros() > 0 && !streamed.is_empty() {
             self.trace.record(
                 Lane::Wait,
-                &self.layers[layer].name,
+                &self.layers[first].name,
                 self.micros_since_epoch(start),
                 waited.as_micros() as u64,
             );
         }
-        let stats = &mut self.stats.layers[layer];
-        stats.wait_us += waited.as_micros() as u64;
-        self.stats.wait_us += waited.as_micros() as u64;
+        let share = waited.as_micros() as u64 / streamed.len().max(1) as u64;
+        for &l in &streamed {
+            self.stats.layers[l].wait_us += share;
+        }
+        self.stats.wait_us += if streamed.is_empty() {
+            0
+        } else {
+            waited.as_micros() as u64
+        };
         self.open = LayerState::Open {
-            layer,
+            first,
             since: now,
-            slot: Some(slot),
+            slots,
         };
         Ok(())
     }
 
     /// Finds or loads `layer` into a slot, waits for the copy, marks the slot in use.
-    fn acquire(&mut self, layer: usize) -> Result<usize> {
+    /// Layers in `keep` (the range being opened) are never taken back from their slots.
+    fn acquire(&mut self, layer: usize, keep: std::ops::Range<usize>) -> Result<usize> {
         let sync = self.sync.clone();
         let mut shared = sync.lock();
         let slot = match shared.slots.iter().position(|s| s.layer() == Some(layer)) {
@@ -945,10 +1012,11 @@ impl Streamer {
                     if let Some(fixed) = fixed {
                         // Its own slot only: free, or holding a prefetch not needed now.
                         match shared.slots[fixed] {
-                            SlotState::Free | SlotState::Ready(_) | SlotState::Failed(_) => {
+                            SlotState::Free => break fixed,
+                            SlotState::Ready(l) | SlotState::Failed(l) if !keep.contains(&l) => {
                                 break fixed
                             }
-                            SlotState::Loading(_) | SlotState::InUse(_) => {}
+                            _ => {}
                         }
                         shared = sync.changed.wait(shared).unwrap_or_else(|p| p.into_inner());
                         continue;
@@ -957,11 +1025,9 @@ impl Streamer {
                         break free;
                     }
                     // Take back a prefetched layer that is not needed now.
-                    if let Some(unused) = shared
-                        .slots
-                        .iter()
-                        .position(|s| matches!(s, SlotState::Ready(_) | SlotState::Failed(_)))
-                    {
+                    if let Some(unused) = shared.slots.iter().position(|s| {
+                        matches!(s, SlotState::Ready(l) | SlotState::Failed(l) if !keep.contains(l))
+                    }) {
                         break unused;
                     }
                     shared = sync.changed.wait(shared).unwrap_or_else(|p| p.into_inner());
@@ -1004,45 +1070,81 @@ impl Streamer {
 
     /// Ends the compute of `layer`: restores its host home and frees its slot.
     pub fn end_layer(&mut self, layer: usize) -> Result<()> {
-        self.check_layer(layer)?;
+        self.end_layers(layer, 1)
+    }
+
+    /// Ends layers `first..first + count`, opened together by `begin_layers`.
+    pub fn end_layers(&mut self, first: usize, count: usize) -> Result<()> {
+        if first >= self.layers.len() {
+            self.check_layer(first)?;
+        }
         let LayerState::Open {
-            layer: open_layer,
+            first: open_first,
             since,
-            slot,
+            ref slots,
         } = self.open
         else {
             return Err(Error::state(format!(
-                "end_layer({layer}) without begin_layer"
+                "end_layer({first}) without begin_layer"
             )));
         };
-        if open_layer != layer {
+        if open_first != first || slots.len() != count {
             return Err(Error::state(format!(
-                "end_layer({layer}) does not match the open layer {open_layer}"
+                "end_layer({first}, {count} layers) does not match the open layers {open_first}..{}",
+                open_first + slots.len()
             )));
         }
+        let slots = slots.clone();
         let compute = since.elapsed();
+        let name = if count == 1 {
+            self.layers[first].name.clone()
+        } else {
+            format!(
+                "{}..{}",
+                self.layers[first].name,
+                self.layers[first + count - 1].name
+            )
+        };
         self.trace.record(
             Lane::Compute,
-            &self.layers[layer].name,
+            &name,
             self.micros_since_epoch(since),
             compute.as_micros() as u64,
         );
-        self.stats.layers[layer].compute_us += compute.as_micros() as u64;
+        let share = compute.as_micros() as u64 / count as u64;
+        for layer in first..first + count {
+            self.stats.layers[layer].compute_us += share;
+        }
         self.stats.compute_us += compute.as_micros() as u64;
         self.open = LayerState::Idle;
-        if let Some(slot) = slot {
-            let evict_start = Instant::now();
-            if let (Some(events), Some(backend)) = (&self.compute_done, self.compute_backend) {
-                events[slot].record(&Backend::borrowed(backend)?);
+        if slots.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let evict_start = Instant::now();
+        if let (Some(events), Some(backend)) = (&self.compute_done, self.compute_backend) {
+            let backend = Backend::borrowed(backend)?;
+            for slot in slots.iter().flatten() {
+                events[*slot].record(&backend);
             }
-            if !self.parked {
-                self.restore(layer);
+        }
+        if !self.parked {
+            for (i, slot) in slots.iter().enumerate() {
+                if slot.is_some() {
+                    self.restore(first + i);
+                }
             }
-            let mut shared = self.sync.lock();
-            shared.slots[slot] = SlotState::Free;
-            self.schedule(&mut shared);
-            drop(shared);
-            self.stats.layers[layer].evict_us += evict_start.elapsed().as_micros() as u64;
+        }
+        let mut shared = self.sync.lock();
+        for slot in slots.iter().flatten() {
+            shared.slots[*slot] = SlotState::Free;
+        }
+        self.schedule(&mut shared);
+        drop(shared);
+        let evicted = evict_start.elapsed().as_micros() as u64;
+        for (i, slot) in slots.iter().enumerate() {
+            if slot.is_some() {
+                self.stats.layers[first + i].evict_us += evicted;
+            }
         }
         Ok(())
     }

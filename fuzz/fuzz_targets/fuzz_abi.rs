@@ -886,7 +886,15 @@ fn registry_new(input: &mut Input, state: &mut State) {
 fn registry_getters(input: &mut Input, state: &mut State) {
     let r = state.pick::<RegistryHandle>(input, Kind::Registry);
     let null_out = input.u8() % 8 == 0;
-    match input.u8() % 5 {
+    match input.u8() % 6 {
+        5 => {
+            let id = index(input, &state.ids);
+            let layer = input.u32();
+            check(
+                offload_engine_registry_assign(r, id, layer),
+                "registry_assign",
+            );
+        }
         0 => {
             let mut v = usize::MAX;
             let out = if null_out {
@@ -1183,7 +1191,45 @@ fn engine_stats(input: &mut Input, state: &mut State) {
 
 fn engine_misc(input: &mut Input, state: &mut State) {
     let e = state.pick::<EngineHandle>(input, Kind::Engine);
-    match input.u8() % 5 {
+    match input.u8() % 7 {
+        5 => {
+            // A range of layers at once: any first and count, begun and ended, or not.
+            let first = index(input, &[]);
+            let count = index(input, &[]);
+            check(
+                offload_engine_engine_layers_begin(e, first, count),
+                "engine_layers_begin",
+            );
+            if input.bool() {
+                let (first, count) = if input.bool() {
+                    (first, count)
+                } else {
+                    (index(input, &[]), index(input, &[]))
+                };
+                check(
+                    offload_engine_engine_layers_end(e, first, count),
+                    "engine_layers_end",
+                );
+            }
+        }
+        6 => {
+            // The engine's own backend (as a host's would be), none, or something else.
+            let mut own: sys::ggml_backend_t = null_mut();
+            let have = offload_engine_engine_backend(e, &mut own) == 0;
+            let backend = match input.u8() % 3 {
+                0 if have => own,
+                1 => FOREIGN.as_ptr() as sys::ggml_backend_t,
+                _ => null_mut(),
+            };
+            // A foreign pointer is the caller's breach (it is dereferenced to find its
+            // device): only NULL and real backends are passed.
+            if backend != FOREIGN.as_ptr() as sys::ggml_backend_t {
+                check(
+                    offload_engine_engine_set_compute_backend(e, backend),
+                    "engine_set_compute_backend",
+                );
+            }
+        }
         0 => {
             let mut backend: sys::ggml_backend_t = FOREIGN.as_ptr() as sys::ggml_backend_t;
             let out = if input.bool() {

@@ -154,6 +154,7 @@ fn decode_workload(input: &mut Input) -> Workload {
         passes_per_step: input.count(),
         prefetch_depth: input.count(),
         activation_bytes_per_layer: input.size(),
+        max_resident_layers: (input.u8() % 4 == 0).then(|| input.count()),
     };
     workload
 }
@@ -274,6 +275,17 @@ fn check_plan(model: &ModelCost, budget: &Budget, workload: &Workload, plan: &Pl
                 arena,
                 resident + u128::from(plan.slot_count) * u128::from(plan.slot_bytes)
             );
+            if let Some(max) = workload.max_resident_layers {
+                let nonempty = plan
+                    .resident_layers
+                    .iter()
+                    .filter(|&&i| model.layers[i].bytes > 0)
+                    .count();
+                assert!(
+                    nonempty <= max as usize,
+                    "{nonempty} resident layers past the cap of {max}"
+                );
+            }
             if plan.mode == Mode::Full {
                 assert!(plan.streamed_layers.is_empty());
                 assert_eq!(plan.slot_count, 0);

@@ -232,6 +232,37 @@ macro_rules! engine_layer_call {
     };
 }
 
+macro_rules! engine_range_call {
+    ($name:ident, $method:ident) => {
+        #[no_mangle]
+        pub extern "C" fn $name(handle: *mut EngineHandle, first: u64, count: u64) -> c_int {
+            boundary(|| {
+                with_engine(handle, |e| {
+                    e.$method(
+                        usize::try_from(first).unwrap_or(usize::MAX),
+                        usize::try_from(count).unwrap_or(usize::MAX),
+                    )
+                })
+            })
+        }
+    };
+}
+
+engine_range_call!(offload_engine_engine_layers_begin, begin_layers);
+engine_range_call!(offload_engine_engine_layers_end, end_layers);
+
+#[no_mangle]
+pub extern "C" fn offload_engine_engine_set_compute_backend(
+    handle: *mut EngineHandle,
+    backend: sys::ggml_backend_t,
+) -> c_int {
+    boundary(|| {
+        with_engine(handle, |e| {
+            e.set_compute_backend((!backend.is_null()).then_some(backend))
+        })
+    })
+}
+
 macro_rules! engine_call {
     ($name:ident, $method:ident) => {
         #[no_mangle]

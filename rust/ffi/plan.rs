@@ -26,6 +26,7 @@ pub struct PlanParams {
     pub prefetch_depth: u32,
     pub link: *const c_char,
     pub link_gbps: f64,
+    pub max_resident_layers: u32,
 }
 
 #[repr(C)]
@@ -67,6 +68,7 @@ pub(crate) fn plan_inputs(params: *const PlanParams) -> Result<(Budget, Workload
         steps: p.steps,
         passes_per_step: p.passes_per_step,
         prefetch_depth: p.prefetch_depth,
+        max_resident_layers: (p.max_resident_layers != u32::MAX).then_some(p.max_resident_layers),
         ..Workload::default()
     };
     let link = if p.link_gbps != 0.0 {
@@ -113,6 +115,7 @@ pub extern "C" fn offload_engine_plan_params_init(params: *mut PlanParams) {
                 prefetch_depth: workload.prefetch_depth,
                 link: std::ptr::null(),
                 link_gbps: 0.0,
+                max_resident_layers: u32::MAX,
             };
         }
     });

@@ -317,6 +317,15 @@ pub extern "C" fn offload_engine_registry_find(
 }
 
 #[no_mangle]
+pub extern "C" fn offload_engine_registry_assign(
+    handle: *mut RegistryHandle,
+    id: u64,
+    layer: u32,
+) -> c_int {
+    boundary(|| with_registry(handle, |state| state.registry.assign(TensorId(id), layer)))
+}
+
+#[no_mangle]
 pub extern "C" fn offload_engine_registry_tensor_info(
     handle: *mut RegistryHandle,
     id: u64,

@@ -127,6 +127,45 @@ impl ModelCost {
     }
 }
 
+/// Streams the resident layers that save the least traffic (then the smallest) until at most
+/// `max` stay, and gives the streamed ones a ring: `wanted` slots of the largest streamed
+/// layer, fewer if `room` (the bytes beside the global group) cannot hold them.
+fn cap_resident(
+    resident: &mut [bool],
+    slot_count: &mut u32,
+    slot_bytes: &mut u64,
+    (bytes, values): (&[u64], &[u64]),
+    max: usize,
+    (wanted, room): (u32, u128),
+) {
+    // Empty layers cost nothing resident and do not count.
+    let mut kept: Vec<usize> = (0..resident.len())
+        .filter(|&i| resident[i] && bytes[i] > 0)
+        .collect();
+    if kept.len() <= max {
+        return;
+    }
+    kept.sort_by_key(|&i| (values[i], bytes[i], std::cmp::Reverse(i)));
+    for &i in &kept[..kept.len() - max] {
+        resident[i] = false;
+    }
+    let streamed: Vec<usize> = (0..resident.len())
+        .filter(|&i| !resident[i] && bytes[i] > 0)
+        .collect();
+    let largest = streamed.iter().map(|&i| bytes[i]).max().unwrap_or(0);
+    let resident_bytes: u128 = (0..resident.len())
+        .filter(|&i| resident[i])
+        .map(|i| bytes[i] as u128)
+        .sum();
+    let mut slots = wanted.min(streamed.len() as u32).max(1);
+    // The dropped layers freed at least one largest layer's worth: one slot always fits.
+    while slots > 1 && resident_bytes + slots as u128 * largest as u128 > room {
+        slots -= 1;
+    }
+    *slot_count = slots;
+    *slot_bytes = largest.max(*slot_bytes);
+}
+
 /// Device memory the plan may use.
 #[derive(Debug, Clone, Serialize)]
 pub struct Budget {
@@ -206,6 +245,10 @@ pub struct Workload {
     /// Peak activations of one layer; stands in for the compute reserve when the host declared
     /// none (layers run one at a time, so it is reserved once).
     pub activation_bytes_per_layer: u64,
+    /// At most this many resident layers (`--resident-layers N`; empty layers do not count);
+    /// `None`: as many as the budget allows. The layers that save the least traffic stream
+    /// instead.
+    pub max_resident_layers: Option<u32>,
 }
 
 impl Default for Workload {
@@ -215,6 +258,7 @@ impl Default for Workload {
             passes_per_step: 1,
             prefetch_depth: 1,
             activation_bytes_per_layer: 0,
+            max_resident_layers: None,
         }
     }
 }
@@ -421,10 +465,20 @@ pub fn plan(model: &ModelCost, budget: &Budget, workload: &Workload, link: &Link
         schedule::choose_resident(&bytes, &values, usable - global, wanted_slots)
             .map(|s| (s.resident, s.slot_count, s.slot_bytes, s.exact))
     };
-    let Some((resident, slot_count, slot_bytes, exact)) = selection else {
+    let Some((mut resident, mut slot_count, mut slot_bytes, exact)) = selection else {
         plan.message = insufficient_message(model, budget, &plan, max_index, extra_activation);
         return Ok(plan);
     };
+    if let Some(max) = workload.max_resident_layers {
+        cap_resident(
+            &mut resident,
+            &mut slot_count,
+            &mut slot_bytes,
+            (&bytes, &values),
+            max as usize,
+            (wanted_slots, usable as u128 - global.min(usable) as u128),
+        );
+    }
 
     plan.mode = if slot_count == 0 {
         Mode::Full
@@ -871,6 +925,7 @@ fn bench_case() -> (ModelCost, Budget, Workload) {
         passes_per_step: 2,
         prefetch_depth: 2,
         activation_bytes_per_layer: 256 * MIB,
+        max_resident_layers: None,
     };
     (model, budget, workload)
 }

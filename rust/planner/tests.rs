@@ -143,6 +143,7 @@ fn random_workload(rng: &mut Rng) -> Workload {
         passes_per_step: rng.range(1, 2) as u32,
         prefetch_depth: rng.range(0, 2) as u32,
         activation_bytes_per_layer: 0,
+        max_resident_layers: None,
     }
 }
 
@@ -770,4 +771,49 @@ fn planning_1000_layers_for_100_steps_is_fast() {
     let seconds = bench_plan_1000_layers();
     let limit = if cfg!(debug_assertions) { 1.0 } else { 0.010 };
     assert!(seconds < limit, "{seconds} s per plan");
+}
+
+#[test]
+fn a_resident_cap_streams_the_layers_that_save_least() {
+    // Six layers that all fit: capped at 2 resident, the two largest stay (they save the most
+    // traffic per pass) and the others stream through a ring that fits beside them.
+    let sizes = [8u64, 32, 16, 64, 24, 48].map(|m| m << 20);
+    let model = ModelCost {
+        global_bytes: 4 << 20,
+        global_copy_bytes: 4 << 20,
+        layers: sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| LayerCost::new(format!("l{i}"), b))
+            .collect(),
+        ..ModelCost::default()
+    };
+    let budget = Budget {
+        min_free_bytes: 0,
+        safety_fraction: 1.0,
+        ..Budget::from_free(1 << 30)
+    };
+    let free = plan(&model, &budget, &Workload::default(), &pcie4()).unwrap();
+    assert_eq!(free.mode, Mode::Full);
+    for max in [0u32, 1, 2, 5, 6, 9] {
+        let workload = Workload {
+            max_resident_layers: Some(max),
+            ..Workload::default()
+        };
+        let p = plan(&model, &budget, &workload, &pcie4()).unwrap();
+        let kept = (max as usize).min(6);
+        assert_eq!(p.resident_layers.len(), kept, "cap {max}");
+        let mut expected: Vec<usize> = vec![3, 5, 1, 4, 2, 0][..kept].to_vec();
+        expected.sort_unstable();
+        assert_eq!(p.resident_layers, expected, "cap {max}");
+        if kept < 6 {
+            assert_eq!(p.mode, Mode::Streaming, "cap {max}");
+            assert_eq!(p.slot_count, 2.min(6 - kept as u32), "cap {max}");
+            let largest_streamed = p.streamed_layers.iter().map(|&i| sizes[i]).max().unwrap();
+            assert!(p.slot_bytes >= largest_streamed, "cap {max}");
+            check_accounting(&model, &workload, &budget, &p);
+        } else {
+            assert_eq!(p.mode, Mode::Full);
+        }
+    }
 }

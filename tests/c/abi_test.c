@@ -2279,6 +2279,7 @@ static void check_load_gguf(void)
 
 #include "hostile_use.c"
 #include "llama_hook.c"
+#include "layer_api.c"
 
 /* ---------------------------------------------------------------------------------------
  * Entry point
@@ -2311,6 +2312,7 @@ static void run_c_checks(int argc, char **argv)
     check_load_gguf();
     check_hostile_use();
     check_llama_hook();
+    check_layer_api();
 #ifdef ABI_TEST_PRINT_COUNT
     printf("%ld checks passed\n", checks_passed);
 #endif

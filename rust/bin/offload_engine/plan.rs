@@ -53,6 +53,10 @@ pub struct PlanArgs {
     /// Layers copied ahead of the one computing.
     #[arg(long, default_value_t = 1)]
     pub prefetch: u32,
+    /// At most this many resident layers (the ones that save the most traffic); the rest
+    /// stream.
+    #[arg(long)]
+    pub max_resident_layers: Option<u32>,
     /// Built-in pattern name or a regex with one capture group for the layer index.
     #[arg(long)]
     pub pattern: Option<String>,
@@ -218,6 +222,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
         steps: args.steps,
         passes_per_step: args.passes_per_step,
         prefetch_depth: args.prefetch,
+        max_resident_layers: args.max_resident_layers,
         ..Workload::default()
     };
     let plan = planner::plan(&cost, &budget, &workload, &link)?;
