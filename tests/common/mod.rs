@@ -82,6 +82,7 @@ pub fn execute_ok(
 
 /// `cargo build --lib` for the profile and target directory of `profile_dir`
 /// (`<target>/<profile>`), so a test can build the library it links when cargo did not.
+#[allow(dead_code)] // each test crate compiles this module; not all of them build the library
 pub fn cargo_build_lib(profile_dir: &Path) -> Command {
     let profile = profile_dir
         .file_name()

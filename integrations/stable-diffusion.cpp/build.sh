@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Builds stable-diffusion.cpp's sd-cli with offload-engine's drop-in, and the same sd-cli
+# unpatched, for comparisons:
+#
+#   bash integrations/stable-diffusion.cpp/build.sh OUTDIR
+#
+# 1. Fetches the source distribution of stable-diffusion-cpp-python 0.4.7 from PyPI (once,
+#    sha256 checked) and takes its vendor/stable-diffusion.cpp tree.
+# 2. Applies sd.patch (ours) to a copy of it.
+# 3. Builds that tree's ggml as shared libraries (with sd.cpp's GGML_MAX_NAME=128).
+# 4. Builds offload-engine in host-ggml mode against that ggml (one ggml per process).
+# 5. Builds the patched sd-cli linked with it, the unpatched sd-cli, and sd-model-gen (a small
+#    program of ours that writes models with sd.cpp's own tensor lists and generated weights).
+#
+# OUTDIR/bin then holds sd-cli, sd-cli-unpatched and sd-model-gen. A second run reuses what is
+# up to date. It takes a while on 2 cores (two sd.cpp builds); progress goes to stdout.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+[ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
+mkdir -p "$1"
+out=$(cd "$1" && pwd)
+jobs=${JOBS:-$(nproc)}
+
+version=0.4.7
+sdist=stable_diffusion_cpp_python-$version.tar.gz
+sha256=998d1957260dd5ae4e18a8acc0c14b0a8757aaa9f96515197b6d5bbf46df9282
+
+step() { echo "== sd.cpp build: $* ($(date +%H:%M:%S))"; }
+
+# cmake --build with its "Built target" lines as progress; the whole log is kept, and shown
+# when the build fails.
+build_targets() {
+    local dir=$1 log
+    shift
+    log=$dir/build.log
+    if ! cmake --build "$dir" --target "$@" -j "$jobs" >"$log" 2>&1; then
+        tail -60 "$log" >&2
+        echo "build of $* failed (log: $log)" >&2
+        exit 1
+    fi
+    grep -E 'Built target' "$log" | sed 's/^/   /' || true
+}
+started=$(date +%s)
+
+step "source: $sdist"
+mkdir -p "$out/dl"
+if [ ! -f "$out/dl/$sdist" ]; then
+    python3 -m pip download --no-deps --no-binary :all: --no-build-isolation \
+        --disable-pip-version-check --progress-bar off \
+        -d "$out/dl" "stable-diffusion-cpp-python==$version" >/dev/null
+fi
+have=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$out/dl/$sdist")
+if [ "$have" != "$sha256" ]; then
+    echo "$sdist: sha256 $have, expected $sha256" >&2
+    exit 1
+fi
+
+pristine=$out/src/pristine
+if [ ! -f "$pristine/CMakeLists.txt" ]; then
+    step "unpacking vendor/stable-diffusion.cpp"
+    rm -rf "$out/src" && mkdir -p "$out/src/unpack"
+    tar -xzf "$out/dl/$sdist" -C "$out/src/unpack" "stable_diffusion_cpp_python-$version/vendor/stable-diffusion.cpp"
+    mv "$out/src/unpack/stable_diffusion_cpp_python-$version/vendor/stable-diffusion.cpp" "$pristine"
+    rm -rf "$out/src/unpack"
+fi
+
+# The patched tree is made again whenever the patch changes.
+patched=$out/src/patched
+patch_sum=$(sha256sum "$here/sd.patch" | cut -d' ' -f1)
+if [ "$(cat "$patched/.offload-engine-patch" 2>/dev/null)" != "$patch_sum" ]; then
+    step "applying sd.patch"
+    rm -rf "$patched"
+    cp -r "$pristine" "$patched"
+    (cd "$patched" && git apply -p1 "$here/sd.patch")
+    echo "$patch_sum" >"$patched/.offload-engine-patch"
+fi
+
+# RPATH rather than RUNPATH: the binaries find their own ggml and engine even where
+# LD_LIBRARY_PATH names other builds of them (cargo test sets it to the target directory).
+cmake_args=(-DCMAKE_BUILD_TYPE=Release -DSD_BUILD_SHARED_GGML_LIB=ON -DSD_WEBP=OFF -DSD_WEBM=OFF
+    "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--disable-new-dtags" "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--disable-new-dtags")
+engine=$out/engine/release/liboffload_engine.so
+
+# Configured once with the engine (its library is built before sd-cli links it), so the
+# ggml built first is the one sd-cli uses, and a second run rebuilds nothing.
+step "ggml (sd.cpp's tree, shared, GGML_MAX_NAME=128)"
+build=$out/build/patched
+cmake -S "$patched" -B "$build" "${cmake_args[@]}" -DSD_OFFLOAD_ENGINE=ON \
+    -DSD_OFFLOAD_ENGINE_LIB="$engine" \
+    -DSD_OFFLOAD_ENGINE_INCLUDE="$root/ffi;$here" >/dev/null
+build_targets "$build" ggml ggml-base ggml-cpu
+
+# A ggml install prefix for host-ggml mode: its headers and its shared libraries.
+prefix=$out/ggml
+rm -rf "$prefix" && mkdir -p "$prefix/lib"
+ln -s "$patched/ggml/include" "$prefix/include"
+find "$build" -name 'libggml*.so*' -exec cp -P {} "$prefix/lib/" \;
+[ -f "$prefix/lib/libggml.so" ] || { echo "no libggml.so under $build" >&2; exit 1; }
+
+step "offload-engine (host-ggml mode against that ggml)"
+if ! (cd "$root" && CARGO_TARGET_DIR="$out/engine" OFFLOAD_ENGINE_GGML_DIR="$prefix" \
+    OFFLOAD_ENGINE_GGML_DEFINES="GGML_MAX_NAME=128" \
+    cargo build --release --lib --no-default-features >"$out/engine.log" 2>&1); then
+    tail -60 "$out/engine.log" >&2
+    echo "offload-engine did not build (log: $out/engine.log)" >&2
+    exit 1
+fi
+[ -f "$engine" ] || { echo "offload-engine did not build" >&2; exit 1; }
+
+step "sd-cli with offload-engine"
+build_targets "$build" sd-cli
+
+step "sd-model-gen (generated weights, sd.cpp's tensor lists)"
+mkdir -p "$out/bin"
+sdlib=$(find "$build" -name 'libstable-diffusion.a' | head -1)
+if [ ! -x "$out/bin/sd-model-gen" ] || [ "$here/model_gen.cpp" -nt "$out/bin/sd-model-gen" ] || [ "$sdlib" -nt "$out/bin/sd-model-gen" ]; then
+    c++ -std=c++17 -O2 -DGGML_MAX_NAME=128 -DSD_USE_OFFLOAD_ENGINE \
+        -I"$patched" -I"$patched/src" -I"$patched/include" -I"$patched/thirdparty" \
+        -I"$patched/ggml/include" -I"$root/ffi" -I"$here" \
+        "$here/model_gen.cpp" "$sdlib" $(find "$build" -name 'libzip.a' | head -1) \
+        -L"$prefix/lib" -lggml -lggml-base -lggml-cpu "$engine" -Wl,--disable-new-dtags -Wl,-rpath,"$prefix/lib:$out/engine/release" \
+        -lpthread -ldl -o "$out/bin/sd-model-gen"
+fi
+
+step "sd-cli unpatched"
+cmake -S "$pristine" -B "$out/build/pristine" "${cmake_args[@]}" >/dev/null
+build_targets "$out/build/pristine" sd-cli
+
+ln -sf "$(find "$build" -name sd-cli -type f -perm -u+x | head -1)" "$out/bin/sd-cli"
+ln -sf "$(find "$out/build/pristine" -name sd-cli -type f -perm -u+x | head -1)" "$out/bin/sd-cli-unpatched"
+for b in sd-cli sd-cli-unpatched; do
+    [ -x "$out/bin/$b" ] || { echo "$b was not built" >&2; exit 1; }
+done
+step "done in $(( $(date +%s) - started )) s: $out/bin"

@@ -1,0 +1,235 @@
+//! stable-diffusion.cpp through the drop-in: integrations/stable-diffusion.cpp/build.sh
+//! builds the patched sd-cli (and the unpatched one) into the target directory once, and
+//! sd-model-gen writes an SD 1.x model with sd.cpp's tiny UNet, CLIP-L and TAESD, with
+//! generated weights. At 64x64, 4 steps, CFG and a fixed seed on the CPU:
+//!
+//! - the patched sd-cli's PNG is byte-identical to the unpatched one's at three budgets (all
+//!   resident; about half; the global tensors plus two slots) and prefetch depths 0, 1, 2, and
+//!   its summary line shows what streamed;
+//! - two images in one process (a batch) match the unpatched batch;
+//! - a budget below the largest segment exits with the planner's message and the flags to
+//!   try, and writes no image.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
+struct Build {
+    bin: PathBuf,
+    models: PathBuf,
+}
+
+/// Builds sd.cpp (minutes, once per target directory) and generates the test models.
+fn build() -> &'static Build {
+    static BUILD: OnceLock<Build> = OnceLock::new();
+    BUILD.get_or_init(|| {
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .expect("target/tmp lies in the target directory")
+            .to_path_buf();
+        let out = target.join("sd-cpp");
+        let logs = out.join("logs");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("integrations/stable-diffusion.cpp/build.sh");
+        common::execute_ok(
+            "integrations/stable-diffusion.cpp/build.sh",
+            Command::new("bash").arg(&script).arg(&out),
+            &logs.join("build"),
+            Some(Duration::from_secs(3600)),
+        );
+        let bin = out.join("bin");
+        let models = out.join("models");
+        if !models.join("sd1-tiny.gguf").is_file() || !models.join("taesd.gguf").is_file() {
+            std::fs::create_dir_all(&models).unwrap();
+            common::execute_ok(
+                "sd-model-gen sd1-tiny",
+                Command::new(bin.join("sd-model-gen"))
+                    .arg("sd1-tiny")
+                    .arg(&models),
+                &logs.join("model-gen"),
+                Some(RUN_TIMEOUT),
+            );
+        }
+        Build { bin, models }
+    })
+}
+
+/// One sd-cli run; `dir` gets its image and logs.
+fn sd_cli(binary: &str, dir: &Path, extra: &[String]) -> (common::Finished, PathBuf) {
+    let b = build();
+    std::fs::create_dir_all(dir).unwrap();
+    let image = dir.join("out.png");
+    let _ = std::fs::remove_file(&image);
+    let mut command = Command::new(b.bin.join(binary));
+    command
+        .arg("-m")
+        .arg(b.models.join("sd1-tiny.gguf"))
+        .arg("--taesd")
+        .arg(b.models.join("taesd.gguf"))
+        .args(["-p", "a lighthouse on a cliff", "-n", "blurry"])
+        .args([
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--steps",
+            "4",
+            "--cfg-scale",
+            "7",
+            "--seed",
+            "42",
+        ])
+        .args([
+            "--sampling-method",
+            "euler",
+            "-t",
+            "2",
+            "--disable-image-metadata",
+        ])
+        .arg("-o")
+        .arg(&image)
+        .args(extra);
+    let finished = common::execute(
+        &format!("{binary} {}", extra.join(" ")),
+        &mut command,
+        &dir.join("logs"),
+        Some(RUN_TIMEOUT),
+    );
+    (finished, image)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("sd_cpp")
+        .join(name)
+}
+
+/// The figures the hook prints for a runner: `offload-engine: unet: ... global G B, layers L B
+/// (largest M B), reserve R B; ...`.
+fn sizes(stderr: &str, runner: &str) -> (u64, u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(&format!("offload-engine: {runner}:")) && l.contains(" B, layers "))
+        .unwrap_or_else(|| panic!("no plan line for {runner} in\n{stderr}"));
+    let number_after = |key: &str| -> u64 {
+        let rest = &line[line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (
+        number_after("global "),
+        number_after("layers "),
+        number_after("(largest "),
+        number_after("reserve "),
+    )
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.9}", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn streaming_args(budget: u64, depth: u32) -> Vec<String> {
+    vec![
+        "--stream-layers".into(),
+        "--offload-to-cpu".into(),
+        "--max-vram".into(),
+        gib(budget),
+        "--layer-prefetch-depth".into(),
+        depth.to_string(),
+    ]
+}
+
+fn png(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn sd_cli_streams_with_the_unpatched_image() {
+    let (reference, reference_png) = sd_cli("sd-cli-unpatched", &scratch("reference"), &[]);
+    assert!(reference.success(), "{}", reference.stderr);
+    let expected = png(&reference_png);
+
+    // A roomy budget first: it reports the sizes the other budgets are made from.
+    let (roomy, image) = sd_cli("sd-cli", &scratch("roomy"), &streaming_args(64 << 30, 1));
+    assert!(roomy.success(), "{}", roomy.stderr);
+    assert_eq!(png(&image), expected, "all resident");
+    let (global, layers, largest, reserve) = sizes(&roomy.stderr, "unet");
+    let budgets = [
+        ("half", global + layers / 2 + reserve),
+        (
+            "global + 2 slots",
+            global + 2 * largest + reserve + (1 << 20),
+        ),
+    ];
+    for (name, budget) in budgets {
+        for depth in [0u32, 1, 2] {
+            let what = format!("{name} ({budget} B), prefetch depth {depth}");
+            let (run, image) = sd_cli(
+                "sd-cli",
+                &scratch(&format!("{}-{depth}", name.replace([' ', '+'], "_"))),
+                &streaming_args(budget, depth),
+            );
+            assert!(run.success(), "{what}:\n{}", run.stderr);
+            assert_eq!(png(&image), expected, "{what}: the image differs");
+            let summary = run
+                .stderr
+                .lines()
+                .find(|l| l.starts_with("offload-engine: unet:") && l.contains(" streamed layers"))
+                .unwrap_or_else(|| panic!("{what}: no summary line in\n{}", run.stderr));
+            assert!(
+                !summary.contains(" 0 streamed layers"),
+                "{what}: nothing streamed: {summary}"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_images_in_one_process_and_a_budget_too_small() {
+    let batch = ["-b".to_string(), "2".into()];
+    let (reference, _) = sd_cli("sd-cli-unpatched", &scratch("batch-reference"), &batch);
+    assert!(reference.success(), "{}", reference.stderr);
+    let (roomy, _) = sd_cli(
+        "sd-cli",
+        &scratch("batch-roomy"),
+        &streaming_args(64 << 30, 1),
+    );
+    let (global, _, largest, reserve) = sizes(&roomy.stderr, "unet");
+    let mut args = streaming_args(global + 2 * largest + reserve + (1 << 20), 1);
+    args.extend(batch.iter().cloned());
+    let dir = scratch("batch-streamed");
+    let (run, _) = sd_cli("sd-cli", &dir, &args);
+    assert!(run.success(), "{}", run.stderr);
+    for i in 0..2 {
+        let name = format!("out_{i}.png");
+        let ours = png(&dir.join(&name));
+        let theirs = png(&scratch("batch-reference").join(&name));
+        assert_eq!(ours, theirs, "image {i} of the batch");
+    }
+
+    // Below the global tensors plus one slot: the planner's message, no image, no crash.
+    let dir = scratch("too-small");
+    let (run, image) = sd_cli("sd-cli", &dir, &streaming_args(global / 2, 1));
+    assert!(!run.success(), "a budget of {} B ran", global / 2);
+    assert_eq!(
+        run.status.and_then(|s| s.code()),
+        Some(1),
+        "not a clean exit (a signal, or no status): {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("insufficient device memory"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("--max-vram"), "{}", run.stderr);
+    assert!(!image.exists(), "an image was written");
+}
