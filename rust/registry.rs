@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use once_cell::sync::Lazy;
 
@@ -120,9 +121,52 @@ fn claims() -> std::sync::MutexGuard<'static, HashMap<usize, u64>> {
     CLAIMS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Objects whose host freed them while a call (on another thread, or a callback's) still held
+/// them: an engine among them lets go of its tensors when that call returns. A claim that
+/// conflicts waits for them, a bounded time, before it is refused, so a host that frees an
+/// engine and registers its tensors again is not refused for a release already under way.
+static RELEASING: Lazy<(Mutex<usize>, Condvar)> = Lazy::new(Default::default);
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// A freed handle's destruction begins (`true`, at the free) or has ended (`false`).
+pub(crate) fn deferred_release(begins: bool) {
+    let (count, ended) = &*RELEASING;
+    let mut count = count.lock().unwrap_or_else(|p| p.into_inner());
+    if begins {
+        *count += 1;
+    } else {
+        *count = count.saturating_sub(1);
+        ended.notify_all();
+    }
+}
+
+/// Waits until no freed handle awaits destruction, or `RELEASE_WAIT` has passed; false when
+/// none was pending (a retry would see the same claims).
+fn wait_for_deferred_releases() -> bool {
+    let (count, ended) = &*RELEASING;
+    let guard = count.lock().unwrap_or_else(|p| p.into_inner());
+    if *guard == 0 {
+        return false;
+    }
+    let _ = ended
+        .wait_timeout_while(guard, RELEASE_WAIT, |n| *n > 0)
+        .unwrap_or_else(|p| p.into_inner());
+    true
+}
+
+/// Runs `check` again after pending releases when it reports a claimed tensor.
+fn unless_released<T>(mut check: impl FnMut() -> Result<T>) -> Result<T> {
+    match check() {
+        Err(e) if e.message.ends_with(CLAIMED_SUFFIX) && wait_for_deferred_releases() => check(),
+        other => other,
+    }
+}
+
+const CLAIMED_SUFFIX: &str = "(a tensor belongs to one engine at a time: free that engine first)";
+
 fn claimed_error(name: &str) -> Error {
     Error::state(format!(
-        "tensor '{name}' is in use by another live engine (a tensor belongs to one engine at a time: free that engine first)"
+        "tensor '{name}' is in use by another live engine {CLAIMED_SUFFIX}"
     ))
 }
 
@@ -380,6 +424,10 @@ impl Registry {
     /// Adds this registry's host tensors to `claim`; all or nothing. A tensor another live
     /// engine holds is an `InvalidState` error naming it.
     pub fn claim(&self, claim: &mut TensorClaim) -> Result<()> {
+        unless_released(|| self.claim_now(claim))
+    }
+
+    fn claim_now(&self, claim: &mut TensorClaim) -> Result<()> {
         let mut claims = claims();
         if let Some((_, name)) = self
             .host_tensors()
@@ -396,10 +444,12 @@ impl Registry {
     }
 
     fn check_unclaimed(tensor: *mut crate::ggml::ggml_tensor, name: &str) -> Result<()> {
-        if claims().contains_key(&(tensor as usize)) {
-            return Err(claimed_error(name));
-        }
-        Ok(())
+        unless_released(|| {
+            if claims().contains_key(&(tensor as usize)) {
+                return Err(claimed_error(name));
+            }
+            Ok(())
+        })
     }
 
     /// Registers every tensor described by a GGUF file; reads no tensor data.
@@ -1138,6 +1188,43 @@ mod tests {
             r.add(desc(name, 100)).unwrap();
         }
         r
+    }
+
+    #[test]
+    fn a_conflicting_claim_waits_for_a_release_under_way_and_only_then() {
+        // An address no ggml tensor has, held by an engine whose free is under way.
+        let address = Box::into_raw(Box::new(0u64)) as usize;
+        let is_free = || {
+            if claims().contains_key(&address) {
+                Err(claimed_error("t"))
+            } else {
+                Ok(())
+            }
+        };
+        let mut held = TensorClaim::default();
+        claims().insert(address, held.owner);
+        held.tensors.push(address);
+        deferred_release(true);
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+            deferred_release(false);
+        });
+        assert_eq!(unless_released(is_free), Ok(()));
+        releaser.join().unwrap();
+
+        // Nothing under way: refused at once.
+        let held = TensorClaim {
+            tensors: vec![address],
+            ..TensorClaim::default()
+        };
+        claims().insert(address, held.owner);
+        let started = std::time::Instant::now();
+        assert!(unless_released(is_free).is_err());
+        assert!(started.elapsed() < RELEASE_WAIT);
+        drop(held);
+        // SAFETY: made by Box::into_raw above and never freed.
+        drop(unsafe { Box::from_raw(address as *mut u64) });
     }
 
     #[test]

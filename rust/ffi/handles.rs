@@ -52,17 +52,23 @@ impl<T: Send + Sync + 'static> Drop for Held<T> {
 /// Destroys a handle's object. On one of the library's own threads (the log callback runs
 /// there) it is destroyed on a short-lived thread of its own instead: an engine's teardown
 /// joins its copy thread, which must not be the thread doing it.
+/// Every disposal ends a destruction `retire` began (`registry::deferred_release`).
 fn dispose<T: Send + 'static>(value: T) {
-    if !crate::log::on_library_thread() {
+    let destroy = move || {
         drop(value);
+        crate::registry::deferred_release(false);
+    };
+    if !crate::log::on_library_thread() {
+        destroy();
         return;
     }
     let spawned = std::thread::Builder::new()
         .name("offload-free".into())
-        .spawn(move || drop(value));
+        .spawn(destroy);
     if let Err(err) = spawned {
         // The value went with the failed closure; nothing can be done but say so.
         log::error!("cannot start a thread to free a handle ({err}); it is leaked");
+        crate::registry::deferred_release(false);
     }
 }
 
@@ -108,6 +114,9 @@ pub(crate) fn retire<T: Send + Sync + 'static>(ptr: *mut T, kind: Kind) {
         return;
     }
     if live().remove(&(ptr as usize, kind)) {
+        // Counted before the table's reference goes, so the disposal (here, or when the last
+        // call holding it returns) always follows the count it ends.
+        crate::registry::deferred_release(true);
         // SAFETY: it was live for this kind, so the table owned the reference `publish` made;
         // removing it from the table gives that reference to us, once.
         drop(Held(Some(unsafe { Arc::from_raw(ptr) })));
