@@ -16,8 +16,7 @@
 //! keeps both matrices on the device.
 //!
 //! KV cache: `2 (K and V) * layers * context * kv_dim` elements in `kv_type`.
-//! Biases, rotary tables and the like are ignored (well under 0.1% of the bytes, per seed 001's
-//! sensitivity note).
+//! Biases, rotary tables and the like are ignored (well under 0.1% of the bytes).
 
 use super::{LayerCost, ModelCost};
 use crate::error::{Error, Result};
@@ -430,8 +429,8 @@ mod tests {
         assert_eq!(hp.kv_cache_bytes(), 112 << 20);
         // Global (tied) = 1536 * 151936 * 4 + 1536 * 4 = 933_494_784 + 6_144.
         assert_eq!(hp.global_bytes(), 933_500_928);
-        // Full = global + 28 layers + KV = 6_292_068_352 (~5.86 GiB, inside seed 004's
-        // 5.5-7 GB bracket).
+        // Full = global + 28 layers + KV = 6_292_068_352 (~5.86 GiB, inside the 5.5-7 GB
+        // that VRAM estimators give such a model).
         assert_eq!(
             hp.full_cache_bytes(),
             933_500_928 + 28 * layer + 117_440_512

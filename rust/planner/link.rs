@@ -3,7 +3,7 @@
 //!
 //! Bandwidths are *effective* figures (what a bulk copy of a few hundred MiB sustains), not the
 //! signalling rate printed on the box: planning with theoretical numbers would promise step times
-//! that never happen. Where a seed document gives a figure it is cited next to the entry.
+//! that never happen. Where a measured figure exists it is given next to the entry.
 
 use serde::Serialize;
 
@@ -30,29 +30,29 @@ static LINKS: [LinkSpec; 10] = [
         gb_per_s: 0.035,
         latency_us: 1000.0,
         note: "USB 2.0 high speed: 480 Mb/s signalling, ~35 MB/s sustained bulk; ~1 ms per \
-               request round trip. Seed 000 calls streaming over it hopeless.",
+               request round trip: too slow to stream weights over.",
     },
     LinkSpec {
         name: "pcie2-x4",
         gb_per_s: 1.7,
         latency_us: 10.0,
-        note: "PCIe 2.0 x4: 2 GB/s raw after 8b/10b; seed 000 measures 1.6-1.8 GB/s effective, \
+        note: "PCIe 2.0 x4: 2 GB/s raw after 8b/10b; 1.6-1.8 GB/s effective as measured, \
                on par with a single-chip DDR3 board memory.",
     },
     LinkSpec {
         name: "pcie3-x16",
         gb_per_s: 12.0,
         latency_us: 10.0,
-        note: "PCIe 3.0 x16: 15.75 GB/s raw, ~12 GB/s from pinned memory. Seed 003 saw only \
-               ~3.5 GB/s during streaming windows on such a board (RTX 3060): pageable source \
+        note: "PCIe 3.0 x16: 15.75 GB/s raw, ~12 GB/s from pinned memory. A layer-streaming run \
+               on such a board (RTX 3060) saw only ~3.5 GB/s during streaming windows: pageable source \
                memory and per-layer overheads cost the rest; calibrate with a measured link.",
     },
     LinkSpec {
         name: "pcie4-x16",
         gb_per_s: 24.0,
         latency_us: 10.0,
-        note: "PCIe 4.0 x16: 31.5 GB/s raw (the ~32 GB/s quoted in seed 002), ~24 GB/s \
-               practical (seed 003).",
+        note: "PCIe 4.0 x16: 31.5 GB/s raw (~32 GB/s as usually quoted), ~24 GB/s \
+               practical.",
     },
     LinkSpec {
         name: "pcie5-x16",
@@ -84,7 +84,7 @@ static LINKS: [LinkSpec; 10] = [
         gb_per_s: 60.0,
         latency_us: 0.1,
         note: "Dual-channel DDR5-5600: 89.6 GB/s peak, ~60 GB/s sustained; faster than any \
-               PCIe 4 link, which is seed 002's point about decode.",
+               PCIe 4 link, which is what decides decode.",
     },
     LinkSpec {
         name: "unified",
@@ -225,7 +225,7 @@ pub struct Advice {
 ///   the conservative side; the plan's pipeline model overlaps copies with other layers), and
 /// * CPU: `max(bytes / host memory bandwidth, flops / host_flops)` (roofline),
 ///
-/// where `flops = overflow_bytes * flops_per_byte`. Seed 002's argument in numbers: a PCIe 4.0
+/// where `flops = overflow_bytes * flops_per_byte`. The argument in numbers: a PCIe 4.0
 /// x16 link (~32 GB/s raw, ~24 effective) is slower than dual-channel DDR5 (~60 GB/s), so for
 /// bandwidth-bound decode the CPU reading its own RAM wins; prefill and diffusion reuse each
 /// weight thousands of times, so the device's flops win and streaming pays off.
@@ -373,7 +373,7 @@ mod tests {
             assert!(!link.measured);
             assert!(link.latency_s < 0.01, "{}", spec.name);
         }
-        // Ordering facts the seeds rely on.
+        // Ordering facts the advice relies on.
         let bw = |n: &str| Link::named(n).unwrap().bandwidth_bytes_per_s;
         assert!(bw("usb2") < bw("pcie2-x4"));
         assert!(bw("pcie3-x16") < bw("pcie4-x16") && bw("pcie4-x16") < bw("pcie5-x16"));

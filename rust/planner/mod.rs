@@ -33,7 +33,7 @@ pub struct LayerCost {
     /// stretch it is read as); at most `bytes`.
     pub copy_bytes: u64,
     /// Part of `copy_bytes` moved only on the first pass of a run (e.g. cross-attention K/V
-    /// projections of a fixed context, which seed 001 reads once across 10 diffusion steps).
+    /// projections of a fixed context, read once across a run's diffusion steps).
     pub once_bytes: u64,
     /// Compute time of one pass through this layer, measured or given.
     pub compute_seconds: Option<f64>,
@@ -173,10 +173,10 @@ pub struct Budget {
     pub free_bytes: u64,
     /// Device total (0 = unknown).
     pub total_bytes: u64,
-    /// Always left free for the driver and other allocations (default 512 MiB, as seed 003's
-    /// `--streaming-min-vram`).
+    /// Always left free for the driver and other allocations (default 512 MiB, the
+    /// `--streaming-min-vram` figure).
     pub min_free_bytes: u64,
-    /// Fraction of free memory the plan may use (default 0.90, seed 004's safety margin).
+    /// Fraction of free memory the plan may use (default 0.90, a common VRAM-estimation margin).
     pub safety_fraction: f64,
     /// The host graph's compute buffer.
     pub compute_reserve_bytes: u64,

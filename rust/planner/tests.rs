@@ -346,7 +346,7 @@ fn full_capacity_means_no_loads_after_warm_up() {
 
 #[test]
 fn once_bytes_are_paid_once_per_run() {
-    // Seed 001's action expert in miniature: 10 steps; layer 1 carries 4 MB of cross-attention
+    // An action expert in miniature: 10 steps; layer 1 carries 4 MB of cross-attention
     // K/V read once. Nothing fits beyond the two slots.
     let mut model = layers(&[6_000_000, 10_000_000, 6_000_000]);
     model.layers[1].once_bytes = 4_000_000;
