@@ -1,11 +1,12 @@
 //! stable-diffusion.cpp through the drop-in: integrations/stable-diffusion.cpp/build.sh
 //! builds the patched sd-cli (and the unpatched one) into the target directory once, and
-//! sd-model-gen writes an SD 1.x model with sd.cpp's tiny UNet, CLIP-L and TAESD, with
-//! generated weights. At 64x64, 4 steps, CFG and a fixed seed on the CPU:
+//! sd-model-gen writes two models with sd.cpp's own tensor lists and generated weights: SD 1.x
+//! with the tiny UNet, CLIP-L and TAESD, and a small Flux with CLIP-L and TAEF1. At 64x64, 4
+//! steps, CFG and a fixed seed on the CPU:
 //!
-//! - the patched sd-cli's PNG is byte-identical to the unpatched one's at three budgets (all
-//!   resident; about half; the global tensors plus two slots) and prefetch depths 0, 1, 2, and
-//!   its summary line shows what streamed;
+//! - for each model, the patched sd-cli's PNG is byte-identical to the unpatched one's at three
+//!   budgets (all resident; about half of the diffusion model; its global tensors plus two
+//!   slots) and prefetch depths 0, 1, 2, and its summary line shows what streamed;
 //! - two images in one process (a batch) match the unpatched batch;
 //! - a budget below the largest segment exits with the planner's message and the flags to
 //!   try, and writes no image.
@@ -22,6 +23,29 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 struct Build {
     bin: PathBuf,
     models: PathBuf,
+}
+
+/// A generated model: `sd-model-gen <name>` writes `<name>.gguf` and `tae`; sd.cpp names its
+/// diffusion model's runner `runner`.
+struct Model {
+    name: &'static str,
+    tae: &'static str,
+    runner: &'static str,
+}
+
+const SD1_TINY: Model = Model {
+    name: "sd1-tiny",
+    tae: "taesd.gguf",
+    runner: "unet",
+};
+const FLUX_TINY: Model = Model {
+    name: "flux-tiny",
+    tae: "taef1.gguf",
+    runner: "flux",
+};
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Builds sd.cpp (minutes, once per target directory) and generates the test models.
@@ -44,23 +68,35 @@ fn build() -> &'static Build {
         );
         let bin = out.join("bin");
         let models = out.join("models");
-        if !models.join("sd1-tiny.gguf").is_file() || !models.join("taesd.gguf").is_file() {
-            std::fs::create_dir_all(&models).unwrap();
-            common::execute_ok(
-                "sd-model-gen sd1-tiny",
-                Command::new(bin.join("sd-model-gen"))
-                    .arg("sd1-tiny")
-                    .arg(&models),
-                &logs.join("model-gen"),
-                Some(RUN_TIMEOUT),
-            );
+        std::fs::create_dir_all(&models).unwrap();
+        let generator = bin.join("sd-model-gen");
+        for model in [SD1_TINY, FLUX_TINY] {
+            // Made again when the generator is newer than what it made.
+            let made = [format!("{}.gguf", model.name), model.tae.to_string()]
+                .iter()
+                .map(|f| modified(&models.join(f)))
+                .min()
+                .flatten();
+            if made.is_none() || made < modified(&generator) {
+                common::execute_ok(
+                    &format!("sd-model-gen {}", model.name),
+                    Command::new(&generator).arg(model.name).arg(&models),
+                    &logs.join(format!("model-gen-{}", model.name)),
+                    Some(RUN_TIMEOUT),
+                );
+            }
         }
         Build { bin, models }
     })
 }
 
 /// One sd-cli run; `dir` gets its image and logs.
-fn sd_cli(binary: &str, dir: &Path, extra: &[String]) -> (common::Finished, PathBuf) {
+fn sd_cli(
+    model: &Model,
+    binary: &str,
+    dir: &Path,
+    extra: &[String],
+) -> (common::Finished, PathBuf) {
     let b = build();
     std::fs::create_dir_all(dir).unwrap();
     let image = dir.join("out.png");
@@ -68,9 +104,9 @@ fn sd_cli(binary: &str, dir: &Path, extra: &[String]) -> (common::Finished, Path
     let mut command = Command::new(b.bin.join(binary));
     command
         .arg("-m")
-        .arg(b.models.join("sd1-tiny.gguf"))
+        .arg(b.models.join(format!("{}.gguf", model.name)))
         .arg("--taesd")
-        .arg(b.models.join("taesd.gguf"))
+        .arg(b.models.join(model.tae))
         .args(["-p", "a lighthouse on a cliff", "-n", "blurry"])
         .args([
             "-W",
@@ -95,7 +131,7 @@ fn sd_cli(binary: &str, dir: &Path, extra: &[String]) -> (common::Finished, Path
         .arg(&image)
         .args(extra);
     let finished = common::execute(
-        &format!("{binary} {}", extra.join(" ")),
+        &format!("{binary} ({}) {}", model.name, extra.join(" ")),
         &mut command,
         &dir.join("logs"),
         Some(RUN_TIMEOUT),
@@ -151,17 +187,19 @@ fn png(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-#[test]
-fn sd_cli_streams_with_the_unpatched_image() {
-    let (reference, reference_png) = sd_cli("sd-cli-unpatched", &scratch("reference"), &[]);
+/// The unpatched image, then the patched sd-cli all resident, at about half the diffusion
+/// model and at its global tensors plus two slots, each at prefetch depths 0, 1 and 2.
+fn streams_with_the_unpatched_image(model: &Model) {
+    let dir = |name: &str| scratch(&format!("{}/{name}", model.name));
+    let (reference, reference_png) = sd_cli(model, "sd-cli-unpatched", &dir("reference"), &[]);
     assert!(reference.success(), "{}", reference.stderr);
     let expected = png(&reference_png);
 
     // A roomy budget first: it reports the sizes the other budgets are made from.
-    let (roomy, image) = sd_cli("sd-cli", &scratch("roomy"), &streaming_args(64 << 30, 1));
+    let (roomy, image) = sd_cli(model, "sd-cli", &dir("roomy"), &streaming_args(64 << 30, 1));
     assert!(roomy.success(), "{}", roomy.stderr);
     assert_eq!(png(&image), expected, "all resident");
-    let (global, layers, largest, reserve) = sizes(&roomy.stderr, "unet");
+    let (global, layers, largest, reserve) = sizes(&roomy.stderr, model.runner);
     let budgets = [
         ("half", global + layers / 2 + reserve),
         (
@@ -171,10 +209,14 @@ fn sd_cli_streams_with_the_unpatched_image() {
     ];
     for (name, budget) in budgets {
         for depth in [0u32, 1, 2] {
-            let what = format!("{name} ({budget} B), prefetch depth {depth}");
+            let what = format!(
+                "{}: {name} ({budget} B), prefetch depth {depth}",
+                model.name
+            );
             let (run, image) = sd_cli(
+                model,
                 "sd-cli",
-                &scratch(&format!("{}-{depth}", name.replace([' ', '+'], "_"))),
+                &dir(&format!("{}-{depth}", name.replace([' ', '+'], "_"))),
                 &streaming_args(budget, depth),
             );
             assert!(run.success(), "{what}:\n{}", run.stderr);
@@ -182,7 +224,10 @@ fn sd_cli_streams_with_the_unpatched_image() {
             let summary = run
                 .stderr
                 .lines()
-                .find(|l| l.starts_with("offload-engine: unet:") && l.contains(" streamed layers"))
+                .find(|l| {
+                    l.starts_with(&format!("offload-engine: {}:", model.runner))
+                        && l.contains(" streamed layers")
+                })
                 .unwrap_or_else(|| panic!("{what}: no summary line in\n{}", run.stderr));
             assert!(
                 !summary.contains(" 0 streamed layers"),
@@ -193,11 +238,93 @@ fn sd_cli_streams_with_the_unpatched_image() {
 }
 
 #[test]
+fn sd1_tiny_unet_streams_with_the_unpatched_image() {
+    streams_with_the_unpatched_image(&SD1_TINY);
+}
+
+#[test]
+fn flux_streams_with_the_unpatched_image() {
+    streams_with_the_unpatched_image(&FLUX_TINY);
+}
+
+/// A LoRA (sd-model-gen's, over the UNet's attention) in both of sd.cpp's modes: merged into
+/// the weights before sampling (`immediately`) and applied in the graph (`at_runtime`), with
+/// the UNet streamed at its global tensors plus two slots. sd.cpp's own graph-cut path lost a
+/// runtime LoRA's tensors in every segment (they were cleared as if they were activations);
+/// the patch keeps them.
+#[test]
+fn loras_in_both_modes_stream_with_the_unpatched_image() {
+    let model = &SD1_TINY;
+    let loras = build().models.join("loras");
+    let dir = |name: &str| scratch(&format!("lora/{name}"));
+    let (plain, plain_png) = sd_cli(model, "sd-cli-unpatched", &dir("no-lora"), &[]);
+    assert!(plain.success(), "{}", plain.stderr);
+    let (roomy, _) = sd_cli(model, "sd-cli", &dir("roomy"), &streaming_args(64 << 30, 1));
+    let (global, _, largest, reserve) = sizes(&roomy.stderr, model.runner);
+    for mode in ["immediately", "at_runtime"] {
+        let lora = vec![
+            "-p".to_string(),
+            "a lighthouse on a cliff<lora:sd1-tiny-lora:0.5>".into(),
+            "--lora-model-dir".into(),
+            loras.display().to_string(),
+            "--lora-apply-mode".into(),
+            mode.into(),
+        ];
+        let (reference, reference_png) = sd_cli(
+            model,
+            "sd-cli-unpatched",
+            &dir(&format!("{mode}-reference")),
+            &lora,
+        );
+        assert!(reference.success(), "{mode}: {}", reference.stderr);
+        assert!(
+            reference
+                .stdout
+                .contains("(72 / 72) LoRA tensors have been applied"),
+            "{mode}: the LoRA was not applied:\n{}",
+            reference.stdout
+        );
+        assert_ne!(
+            png(&reference_png),
+            png(&plain_png),
+            "{mode}: the LoRA changed nothing"
+        );
+        let mut args = lora.clone();
+        args.extend(streaming_args(
+            global + 2 * largest + reserve + (1 << 20),
+            1,
+        ));
+        let (run, image) = sd_cli(model, "sd-cli", &dir(mode), &args);
+        assert!(run.success(), "{mode}: {}", run.stderr);
+        assert_eq!(
+            png(&image),
+            png(&reference_png),
+            "{mode}: the image differs"
+        );
+        assert!(
+            run.stderr
+                .lines()
+                .any(|l| l.starts_with("offload-engine: unet:")
+                    && !l.contains(" 0 streamed layers")
+                    && l.contains(" streamed layers")),
+            "{mode}: nothing streamed:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
 fn two_images_in_one_process_and_a_budget_too_small() {
     let batch = ["-b".to_string(), "2".into()];
-    let (reference, _) = sd_cli("sd-cli-unpatched", &scratch("batch-reference"), &batch);
+    let (reference, _) = sd_cli(
+        &SD1_TINY,
+        "sd-cli-unpatched",
+        &scratch("batch-reference"),
+        &batch,
+    );
     assert!(reference.success(), "{}", reference.stderr);
     let (roomy, _) = sd_cli(
+        &SD1_TINY,
         "sd-cli",
         &scratch("batch-roomy"),
         &streaming_args(64 << 30, 1),
@@ -206,7 +333,7 @@ fn two_images_in_one_process_and_a_budget_too_small() {
     let mut args = streaming_args(global + 2 * largest + reserve + (1 << 20), 1);
     args.extend(batch.iter().cloned());
     let dir = scratch("batch-streamed");
-    let (run, _) = sd_cli("sd-cli", &dir, &args);
+    let (run, _) = sd_cli(&SD1_TINY, "sd-cli", &dir, &args);
     assert!(run.success(), "{}", run.stderr);
     for i in 0..2 {
         let name = format!("out_{i}.png");
@@ -217,7 +344,7 @@ fn two_images_in_one_process_and_a_budget_too_small() {
 
     // Below the global tensors plus one slot: the planner's message, no image, no crash.
     let dir = scratch("too-small");
-    let (run, image) = sd_cli("sd-cli", &dir, &streaming_args(global / 2, 1));
+    let (run, image) = sd_cli(&SD1_TINY, "sd-cli", &dir, &streaming_args(global / 2, 1));
     assert!(!run.success(), "a budget of {} B ran", global / 2);
     assert_eq!(
         run.status.and_then(|s| s.code()),
