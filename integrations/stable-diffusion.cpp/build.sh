@@ -47,9 +47,15 @@ started=$(date +%s)
 step "source: $sdist"
 mkdir -p "$out/dl"
 if [ ! -f "$out/dl/$sdist" ]; then
-    python3 -m pip download --no-deps --no-binary :all: --no-build-isolation \
+    # pip reads the sdist's metadata with its build backend (scikit-build-core), which it
+    # installs in an isolated environment for that; nothing is built.
+    python3 -m pip download --no-deps --no-binary :all: \
         --disable-pip-version-check --progress-bar off \
-        -d "$out/dl" "stable-diffusion-cpp-python==$version" >/dev/null
+        -d "$out/dl" "stable-diffusion-cpp-python==$version" >"$out/dl/pip.log" 2>&1 || {
+        tail -20 "$out/dl/pip.log" >&2
+        echo "pip download of stable-diffusion-cpp-python==$version failed (log: $out/dl/pip.log)" >&2
+        exit 1
+    }
 fi
 have=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$out/dl/$sdist")
 if [ "$have" != "$sha256" ]; then
