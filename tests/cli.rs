@@ -179,6 +179,9 @@ fn quick_disk_bench_reports_every_figure() {
 fn pipeline_modes_give_identical_outputs_or_refuse_clearly() {
     let (ok, stdout, stderr) = run(&["pipeline", "--tiny", "--steps", "2"]);
     assert!(ok, "{stdout}\n{stderr}");
+    // Two steps with guidance are four passes; the text encoder runs once.
+    assert!(stdout.contains("4 passes per job"), "{stdout}");
+    assert!(stdout.contains("1 pass per job"), "{stdout}");
     let line = |mode: &str| {
         stdout
             .lines()

@@ -12,11 +12,13 @@ pub fn size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-/// "1 layer", "3 layers".
+/// "1 layer", "3 layers", "2 passes".
 pub fn count(n: impl Into<u64>, word: &str) -> String {
     let n = n.into();
     if n == 1 {
         format!("1 {word}")
+    } else if word.ends_with('s') {
+        format!("{n} {word}es")
     } else {
         format!("{n} {word}s")
     }
