@@ -33,7 +33,9 @@
  *    cannot check for the host is how many tensors a graph-building callback creates (see
  *    offload_engine_engine_run_pass).
  *  - A weight tensor belongs to one live engine at a time: an engine over tensors another
- *    live engine holds, or registering such a tensor again, is ERR_INVALID_STATE.
+ *    live engine holds, or registering such a tensor again, is ERR_INVALID_STATE. An engine
+ *    freed while a call still holds it lets go of them when that call returns; a claim in
+ *    the meantime waits for that, up to 5 s.
  */
 #ifndef OFFLOAD_ENGINE_H
 #define OFFLOAD_ENGINE_H
