@@ -24,28 +24,33 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
 }
 
-#[test]
-fn generate_compares_with_unmodified_llama_and_agrees_with_plan() {
-    let model = gemma().to_str().unwrap();
-    let budget = "200MiB";
-    let (ok, stdout, stderr) = run(&[
+/// `generate` on Gemma on the CPU under `budget`, no reserves beside the weights, then `extra`.
+fn generate(budget: &str, extra: &[&str]) -> (bool, String, String) {
+    let model = gemma();
+    let mut args = vec![
         "generate",
-        model,
+        model.to_str().unwrap(),
         "--device",
         "CPU",
-        "--n-predict",
-        "8",
         "--vram-budget",
         budget,
         "--compute-reserve",
         "0",
         "--kv-cache",
         "0",
-        "--threads",
-        "2",
-        "--compare",
-        "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn generate_compares_with_unmodified_llama_and_agrees_with_plan() {
+    let model = gemma().to_str().unwrap();
+    let budget = "200MiB";
+    let (ok, stdout, stderr) = generate(
+        budget,
+        &["--n-predict", "8", "--threads", "2", "--compare", "--json"],
+    );
     assert!(ok, "{stderr}");
     let g = json(&stdout);
     for key in [
@@ -94,23 +99,8 @@ fn generate_compares_with_unmodified_llama_and_agrees_with_plan() {
     assert_eq!(p["advice"]["prefill"]["prefer"], "stream", "{stdout}");
 
     // Human output: the plan, the text, the comparison, a progress line on stderr.
-    let (ok, stdout, stderr) = run(&[
-        "generate",
-        model,
-        "--device",
-        "CPU",
-        "--n-predict",
-        "4",
-        "--vram-budget",
-        budget,
-        "--compute-reserve",
-        "0",
-        "--kv-cache",
-        "0",
-        "--threads",
-        "2",
-        "--compare",
-    ]);
+    let (ok, stdout, stderr) =
+        generate(budget, &["--n-predict", "4", "--threads", "2", "--compare"]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("plan: streaming"), "{stdout}");
     assert!(stdout.contains("tokens and logits identical"), "{stdout}");
@@ -119,18 +109,7 @@ fn generate_compares_with_unmodified_llama_and_agrees_with_plan() {
 
 #[test]
 fn generate_refuses_an_impossible_budget_before_loading() {
-    let (ok, _, stderr) = run(&[
-        "generate",
-        gemma().to_str().unwrap(),
-        "--device",
-        "CPU",
-        "--vram-budget",
-        "100MiB",
-        "--compute-reserve",
-        "0",
-        "--kv-cache",
-        "0",
-    ]);
+    let (ok, _, stderr) = generate("100MiB", &[]);
     assert!(!ok);
     assert!(
         stderr.contains("insufficient device memory") || stderr.contains("need"),
