@@ -5,10 +5,11 @@ use std::process::Command;
 use offload_engine::gguf::{Value, Writer};
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_offload-engine"))
-        .args(args)
-        .output()
-        .expect("the binary runs");
+    run_in(Command::new(env!("CARGO_BIN_EXE_offload-engine")).args(args))
+}
+
+fn run_in(command: &mut Command) -> (bool, String, String) {
+    let out = command.output().expect("the binary runs");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -509,11 +510,15 @@ fn profile_lines_are_per_pass_and_debug_logs_say_what_was_decided() {
 
 #[test]
 fn bench_shows_progress_verdicts_and_load_and_leaves_no_files() {
-    let before: Vec<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.file_name()))
-        .collect();
-    let (ok, stdout, stderr) = run(&["bench", "--quick"]);
+    // A temporary directory of its own: other tests run benches at the same time.
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (ok, stdout, stderr) = run_in(
+        Command::new(env!("CARGO_BIN_EXE_offload-engine"))
+            .args(["bench", "--quick"])
+            .env("TMPDIR", &tmp),
+    );
     assert!(ok, "{stdout}{stderr}");
     assert!(
         stderr.contains("bench: [1/5]") && stderr.contains("bench: [5/5]"),
@@ -522,11 +527,9 @@ fn bench_shows_progress_verdicts_and_load_and_leaves_no_files() {
     assert!(stdout.contains("(target <= 1.15: "), "{stdout}");
     assert!(stdout.contains("met"), "{stdout}");
     assert!(stdout.contains("load average"), "{stdout}");
-    let after: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+    let after: Vec<_> = std::fs::read_dir(&tmp)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.file_name()))
-        .filter(|name| !before.contains(name))
-        .filter(|name| name.to_string_lossy().contains("offload-engine"))
         .collect();
     assert!(after.is_empty(), "bench left {after:?}");
     // The disk bench refuses a device it would not use.
