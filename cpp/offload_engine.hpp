@@ -384,6 +384,7 @@ struct PipelineOptions {
     uint32_t passes_per_step = 1;
     bool reload_diffusion = true;
     bool log_moves = false;
+    uint32_t max_resident_layers = UINT32_MAX;  // in a streamed component; UINT32_MAX: no limit
 };
 
 struct ComponentInfo {
@@ -413,6 +414,7 @@ public:
         p.passes_per_step = o.passes_per_step;
         p.reload_diffusion = o.reload_diffusion ? 1 : 0;
         p.log_moves = o.log_moves ? 1 : 0;
+        p.max_resident_layers = o.max_resident_layers;
         offload_engine_pipeline *raw = nullptr;
         if (int s = offload_engine_pipeline_new(&p, &raw)) return detail::error_from(s);
         return Pipeline(raw);

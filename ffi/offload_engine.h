@@ -514,7 +514,7 @@ typedef enum offload_engine_offload_mode {
     OFFLOAD_ENGINE_OFFLOAD_COND_ONLY = 1,      /* the conditioner may leave after its stage */
     OFFLOAD_ENGINE_OFFLOAD_COND_DIFFUSION = 2, /* conditioner and diffusion model may leave after theirs */
     OFFLOAD_ENGINE_OFFLOAD_AGGRESSIVE = 3,     /* every component leaves as soon as its stage ends */
-    OFFLOAD_ENGINE_OFFLOAD_LAYER_STREAMING = 4 /* as cond_diffusion; the diffusion model streams layer by layer when it does not fit */
+    OFFLOAD_ENGINE_OFFLOAD_LAYER_STREAMING = 4 /* as cond_diffusion; a component that does not fit resident streams layer by layer */
 } offload_engine_offload_mode;
 
 typedef enum offload_engine_component_role {
@@ -549,6 +549,7 @@ typedef struct offload_engine_pipeline_params {
     uint32_t passes_per_step; /*   they size its streaming plan (default 1 and 1) */
     int reload_diffusion;     /* run_end puts an evicted diffusion model back when it fits (default 1) */
     int log_moves;            /* log every move with bytes and time at info level (default 0) */
+    uint32_t max_resident_layers; /* at most this many resident layers in a streamed component; UINT32_MAX (the default): as many as its room holds */
 } offload_engine_pipeline_params;
 
 typedef struct offload_engine_component_info {

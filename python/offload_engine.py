@@ -206,6 +206,7 @@ class _PipelineParams(ctypes.Structure):
         ("passes_per_step", ctypes.c_uint32),
         ("reload_diffusion", ctypes.c_int),
         ("log_moves", ctypes.c_int),
+        ("max_resident_layers", ctypes.c_uint32),
     ]
 
 
@@ -1156,6 +1157,7 @@ class Pipeline(_Handle):
         passes_per_step=None,
         reload_diffusion=None,
         log_moves=None,
+        max_resident_layers=None,
     ):
         lib = _library()
         params = _PipelineParams()
@@ -1169,6 +1171,7 @@ class Pipeline(_Handle):
             ("prefetch_depth", prefetch),
             ("steps", steps),
             ("passes_per_step", passes_per_step),
+            ("max_resident_layers", max_resident_layers),
         ]:
             if value is not None:
                 setattr(params, name, value)

@@ -5,8 +5,9 @@
 //! their stage; memory decides whether they do: a component leaves only when the stage about
 //! to run would not fit otherwise (its weights, its declared need and a margin), so a device
 //! with room keeps everything and pays nothing. `aggressive` and the per-component `Offload`
-//! override leave as soon as their stage ends. In `layer_streaming` mode the diffusion model
-//! streams layer by layer when it does not fit. The next component in stage order is placed
+//! override leave as soon as their stage ends. In `layer_streaming` mode a component that does
+//! not fit resident (a diffusion model, or a text encoder as large as T5-XXL) streams layer
+//! by layer. The next component in stage order is placed
 //! ahead of its stage, in the background, as soon as it fits: beside the running stage, or
 //! at its end in the memory that stage no longer needs.
 
@@ -159,6 +160,9 @@ pub struct PipelineParams {
     /// The diffusion stage's workload, which sizes its streaming plan.
     pub steps: u32,
     pub passes_per_step: u32,
+    /// At most this many resident layers in a streamed component (`--resident-layers N`);
+    /// `None`: as many as its room holds.
+    pub max_resident_layers: Option<u32>,
     /// At the end of a run, put an evicted diffusion model back when it fits.
     pub reload_diffusion: bool,
     pub log_moves: bool,
@@ -174,6 +178,7 @@ impl Default for PipelineParams {
             prefetch_depth: 1,
             steps: 1,
             passes_per_step: 1,
+            max_resident_layers: None,
             reload_diffusion: true,
             log_moves: false,
         }
@@ -761,7 +766,7 @@ impl Pipeline {
         self.sweep_retired();
         self.make_room(i)?;
         if self.components[i].placement == Placement::Off {
-            let may_stream = self.streams(i);
+            let may_stream = self.streaming_allowed();
             let room = self
                 .free(Some(i))
                 .saturating_sub(self.components[i].stage_need);
@@ -836,13 +841,15 @@ impl Pipeline {
             steps: self.params.steps,
             passes_per_step: self.params.passes_per_step,
             prefetch_depth: self.params.prefetch_depth,
+            max_resident_layers: self.params.max_resident_layers,
             ..Workload::default()
         }
     }
 
-    fn streams(&self, i: usize) -> bool {
+    /// Whether a component may stream when it does not fit resident: any component in
+    /// `layer_streaming` mode.
+    fn streaming_allowed(&self) -> bool {
         self.params.mode == OffloadMode::LayerStreaming
-            && self.components[i].role == Role::Diffusion
     }
 
     fn resident_bytes(&mut self, i: usize) -> Result<u64> {
@@ -983,7 +990,7 @@ impl Pipeline {
             .filter(|o| o.placement != Placement::Off && o.name != c.name)
             .map(|o| format!("'{}' {}", o.name, format_bytes(o.device_bytes)))
             .collect();
-        let hint = if self.streams(i) {
+        let hint = if self.streaming_allowed() {
             "a larger budget, or a smaller --streaming-min-vram".to_string()
         } else if c.role == Role::Diffusion {
             "--offload-mode layer_streaming, a mode that moves more components out, or a larger budget".to_string()
@@ -1045,7 +1052,7 @@ impl Pipeline {
         let fits_resident = room >= resident.saturating_add(self.params.margin_bytes);
         // A streaming component takes what is there; ahead of its stage only once nothing
         // else could leave for it (the end of the stage before it).
-        let stream_now = at_stage_end && self.streams(next) && room > 0;
+        let stream_now = at_stage_end && self.streaming_allowed() && room > 0;
         if fits_resident || stream_now {
             let budget = if fits_resident { resident } else { room };
             self.start_background(next, budget, "ahead of its stage");
@@ -1055,7 +1062,7 @@ impl Pipeline {
     fn start_background(&mut self, i: usize, room: u64, reason: &'static str) {
         let engine = self.components[i].engine.clone();
         let name = self.components[i].name.clone();
-        let may_stream = self.streams(i);
+        let may_stream = self.streaming_allowed();
         let workload = self.workload();
         engine.placing.store(true, Ordering::SeqCst);
         let cell = engine.clone();

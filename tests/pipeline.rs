@@ -179,6 +179,43 @@ fn layer_streaming_runs_a_diffusion_model_larger_than_the_budget() {
 }
 
 #[test]
+fn layer_streaming_streams_any_component_that_does_not_fit_and_keeps_the_resident_limit() {
+    let m = models();
+    let want = reference(&m, 1).unwrap();
+    let [te, dit, vae] = resident(&m);
+    // The text encoder's stage needs all but two thirds of its size: it streams as the
+    // diffusion model would.
+    let budget = (dit * 2 / 3).max(te).max(vae);
+    let mut s = setup(&m, params(OffloadMode::LayerStreaming, budget));
+    s.pipeline
+        .set_stage_need("text_encoder", budget - te * 2 / 3)
+        .unwrap();
+    assert_eq!(s.run_job().unwrap(), want);
+    assert_eq!(s.seen[0], Placement::Streaming, "{:?}", s.seen);
+    assert!(s.pipeline.stats().peak_device_bytes <= budget);
+    drop(s);
+
+    // --resident-layers: the diffusion model streams more layers under a limit of 0.
+    let budget = (dit * 2 / 3).max(te).max(vae);
+    let streamed = |limit: Option<u32>| {
+        let mut p = params(OffloadMode::LayerStreaming, budget);
+        p.max_resident_layers = limit;
+        let mut s = setup(&m, p);
+        assert_eq!(s.run_job().unwrap(), want, "limit {limit:?}");
+        assert_eq!(s.seen[1], Placement::Streaming, "limit {limit:?}");
+        s.pipeline
+            .component("diffusion_model")
+            .unwrap()
+            .streamed_layers
+    };
+    let (free, none) = (streamed(None), streamed(Some(0)));
+    assert!(
+        none > free,
+        "{none} streamed layers with no resident layer, {free} without a limit"
+    );
+}
+
+#[test]
 fn reload_policy_between_runs() {
     let m = models();
     let want = reference(&m, 1).unwrap();

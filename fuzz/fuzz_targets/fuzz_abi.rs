@@ -1334,6 +1334,11 @@ fn pipeline_new(input: &mut Input, state: &mut State) {
     params.passes_per_step = input.count();
     params.reload_diffusion = c_int::from(input.bool());
     params.log_moves = c_int::from(input.bool());
+    params.max_resident_layers = if input.bool() {
+        u32::MAX
+    } else {
+        u32::from(input.u8() % 8)
+    };
     let params_ptr = if input.u8() % 8 == 0 {
         null()
     } else {

@@ -25,6 +25,7 @@ pub struct PipelineParamsC {
     pub passes_per_step: u32,
     pub reload_diffusion: c_int,
     pub log_moves: c_int,
+    pub max_resident_layers: u32,
 }
 
 #[repr(C)]
@@ -84,6 +85,7 @@ pub extern "C" fn offload_engine_pipeline_params_init(params: *mut PipelineParam
                 passes_per_step: d.passes_per_step,
                 reload_diffusion: c_int::from(d.reload_diffusion),
                 log_moves: 0,
+                max_resident_layers: u32::MAX,
             };
         }
     });
@@ -111,6 +113,8 @@ pub extern "C" fn offload_engine_pipeline_new(
             prefetch_depth: p.prefetch_depth,
             steps: p.steps,
             passes_per_step: p.passes_per_step,
+            max_resident_layers: (p.max_resident_layers != u32::MAX)
+                .then_some(p.max_resident_layers),
             reload_diffusion: p.reload_diffusion != 0,
             log_moves: p.log_moves != 0,
         })?;

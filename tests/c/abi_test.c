@@ -2134,6 +2134,7 @@ static void check_pipeline(void)
     CHECK(params.min_free_bytes == (uint64_t)512 << 20 && params.margin_bytes == (uint64_t)300 << 20);
     CHECK(params.prefetch_depth == 1 && params.steps == 1 && params.passes_per_step == 1);
     CHECK(params.reload_diffusion == 1 && params.log_moves == 0 && params.budget_bytes == 0);
+    CHECK(params.max_resident_layers == UINT32_MAX);
 
     /* Bad input: NULLs, struct sizes, codes out of range. */
     CHECK_FAILS_WITH(OFFLOAD_ENGINE_ERR_NULL_POINTER, offload_engine_pipeline_new(NULL, &out));

@@ -118,6 +118,7 @@ pub fn run_pipeline_demo(options: &PipelineDemoOptions) -> Result<()> {
             passes_per_step: CFG_PASSES,
             reload_diffusion: options.reload_diffusion,
             log_moves: options.log_moves,
+            ..Default::default()
         };
         let mut demo = DemoPipeline::new(
             &components,
