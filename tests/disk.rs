@@ -3,6 +3,7 @@
 
 mod builtin_models;
 
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -110,9 +111,10 @@ fn a_failed_read_names_the_tensor_and_leaves_the_engine_usable() {
 }
 
 #[test]
-fn a_file_truncated_while_streaming_is_an_error_not_a_crash() {
+fn a_file_truncated_while_streaming_is_an_error_and_the_next_pass_works_once_it_is_back() {
     let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (_, path, twin) = fixture(Architecture::Llama, "truncated.gguf");
+    let (reference, path, twin) = fixture(Architecture::Llama, "truncated.gguf");
+    let original = std::fs::read(&path).unwrap();
     let mut engine = Engine::new(params(twin.weight_bytes() / 3, 1)).unwrap();
     // SAFETY: the model outlives the engine.
     unsafe { engine.register_file_backed(twin.context(), &path).unwrap() };
@@ -135,7 +137,17 @@ fn a_file_truncated_while_streaming_is_an_error_not_a_crash() {
     );
     assert!(err.message.contains("tensor '"), "{err}");
     engine.offload_all().unwrap();
-    drop(engine);
+    // The same file back in place (a network share reconnected, a copy finished).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(&original, 0)
+        .unwrap();
+    assert_eq!(
+        executor.run_pass(&twin, Some(&mut engine)).unwrap(),
+        reference
+    );
 }
 
 #[test]
