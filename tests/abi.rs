@@ -191,8 +191,11 @@ fn build_and_run_program(language: Language, linkage: Linkage) {
         }
         Linkage::Shared => {
             let library_dir = library.parent().expect("library directory");
+            // RPATH, not RUNPATH: cargo's LD_LIBRARY_PATH also names target/<profile>/, where
+            // an older `cargo build` may have left another copy of the library.
             build
                 .arg(&library)
+                .arg("-Wl,--disable-new-dtags")
                 .arg(format!("-Wl,-rpath,{}", library_dir.display()));
         }
     }
