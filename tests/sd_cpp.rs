@@ -233,8 +233,38 @@ fn streams_with_the_unpatched_image(model: &Model) {
                 !summary.contains(" 0 streamed layers"),
                 "{what}: nothing streamed: {summary}"
             );
+            assert_traffic_agrees(&run.stderr, model.runner, &what);
         }
     }
+}
+
+/// The bytes the placement line says each pass streams, times the passes, are the bytes the
+/// summary says were streamed (one placement per runner in sd-cli).
+fn assert_traffic_agrees(stderr: &str, runner: &str, what: &str) {
+    let prefix = format!("offload-engine: {runner}: ");
+    let line = |needle: &str| {
+        stderr
+            .lines()
+            .find(|l| l.starts_with(&prefix) && l.contains(needle))
+            .unwrap_or_else(|| panic!("{what}: no line with {needle:?} in\n{stderr}"))
+    };
+    let number_before = |line: &str, key: &str| -> u64 {
+        let head = &line[..line.find(key).unwrap_or_else(|| panic!("{key} in {line}"))];
+        head.rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let per_pass = number_before(line(" B per pass)"), " B per pass)");
+    let summary = line(" passes; ");
+    let passes = number_before(summary, " passes; ");
+    let streamed = number_before(summary, " streamed); ");
+    assert_eq!(
+        streamed,
+        per_pass * passes,
+        "{what}: {per_pass} B per pass x {passes} passes"
+    );
 }
 
 #[test]
@@ -359,4 +389,83 @@ fn two_images_in_one_process_and_a_budget_too_small() {
     );
     assert!(run.stderr.contains("--max-vram"), "{}", run.stderr);
     assert!(!image.exists(), "an image was written");
+}
+
+/// A host that keeps its models loaded between jobs (free_params_immediately off, as
+/// sd-server runs): the text encoder's engine lives on while the UNet streams, and the
+/// pipeline keeps both within the one budget, moving the one not running off the device
+/// when the other needs the room. Four jobs, the second with a LoRA merged into the weights
+/// the engines hold (sd.cpp's "immediately" mode) and the third taking it out again; each
+/// image is identical to sd.cpp's own.
+#[test]
+fn jobs_in_a_host_that_keeps_its_models_share_one_budget() {
+    let b = build();
+    let model = &SD1_TINY;
+    let jobs = |name: &str, budget: Option<u64>| {
+        let dir = scratch(&format!("jobs/{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut command = Command::new(b.bin.join("sd-jobs"));
+        command
+            .arg(b.models.join(format!("{}.gguf", model.name)))
+            .arg(b.models.join(model.tae))
+            .arg(b.models.join("loras/sd1-tiny-lora.gguf"))
+            .arg(&dir)
+            .arg("4");
+        if let Some(budget) = budget {
+            command.arg(gib(budget));
+        }
+        let finished = common::execute(
+            &format!("sd-jobs {name}"),
+            &mut command,
+            &dir.join("logs"),
+            Some(RUN_TIMEOUT),
+        );
+        assert!(finished.success(), "{name}: {}", finished.stderr);
+        let images: Vec<Vec<u8>> = (0..4)
+            .map(|j| png(&dir.join(format!("job{j}.rgb"))))
+            .collect();
+        (finished.stderr, images)
+    };
+    let (_, expected) = jobs("reference", None);
+    assert_ne!(expected[0], expected[1], "the LoRA changed nothing");
+    let (roomy, _) = jobs("roomy", Some(64 << 30));
+    let (global, layers, _, reserve) = sizes(&roomy, model.runner);
+    let budget = global + layers / 2 + reserve;
+    let (stderr, images) = jobs("half", Some(budget));
+    assert_eq!(images, expected, "the streamed jobs' images differ");
+    // "pipeline budget B B, peak P B, L loads, U unloads", last as the components are freed.
+    let figures = stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.split("pipeline budget ").nth(1))
+        .unwrap_or_else(|| panic!("no pipeline figures in\n{stderr}"));
+    let numbers: Vec<u64> = figures
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let [pipeline_budget, peak, loads, unloads] = numbers[..] else {
+        panic!("not four figures: {figures}");
+    };
+    // sd.cpp holds --max-vram as a float of GiB.
+    assert!(
+        pipeline_budget.abs_diff(budget) < 1024,
+        "{figures} for {budget} B"
+    );
+    assert!(peak <= pipeline_budget, "{figures}");
+    // The last two jobs ran on the same engines: CLIP and the UNet placed twice each, each
+    // moved off for the other.
+    assert!(
+        loads >= 4 && unloads >= 3,
+        "the engines did not live on between jobs: {figures}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("offload-engine: clip:"))
+            && stderr
+                .lines()
+                .any(|l| l.starts_with("offload-engine: unet: placed streaming")),
+        "{stderr}"
+    );
 }

@@ -130,6 +130,13 @@ if [ ! -x "$out/bin/sd-model-gen" ] || [ "$here/model_gen.cpp" -nt "$out/bin/sd-
         -lpthread -ldl -o "$out/bin/sd-model-gen"
 fi
 
+step "sd-jobs (a host that keeps its models loaded between jobs)"
+if [ ! -x "$out/bin/sd-jobs" ] || [ "$here/jobs.cpp" -nt "$out/bin/sd-jobs" ] || [ "$sdlib" -nt "$out/bin/sd-jobs" ]; then
+    c++ -std=c++17 -O2 -I"$patched/include" "$here/jobs.cpp" "$sdlib" $(find "$build" -name 'libzip.a' | head -1) \
+        -L"$prefix/lib" -lggml -lggml-base -lggml-cpu "$engine" -Wl,--disable-new-dtags -Wl,-rpath,"$prefix/lib:$out/engine/release" \
+        -lpthread -ldl -o "$out/bin/sd-jobs"
+fi
+
 step "sd-cli unpatched"
 cmake -S "$pristine" -B "$out/build/pristine" "${cmake_args[@]}" >/dev/null
 build_targets "$out/build/pristine" sd-cli

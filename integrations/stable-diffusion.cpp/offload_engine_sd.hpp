@@ -3,11 +3,14 @@
 // Included by the patched src/ggml_extend.hpp (sd.patch). A runner whose graph has cut
 // markers builds one SegmentStreamer from its first plan: every weight one segment reads
 // goes into that segment's layer (offload_engine_registry_assign); weights several segments
-// read are global, always resident. The engine plans the layers under the runner's budget
-// (--max-vram), places the global group and the resident layers once, and streams the others
-// through a ring of slots, copied ahead while the previous segment computes. sd.cpp's own
-// per-segment upload (a fresh device buffer and synchronous copies of every weight, every
-// pass) is skipped while the engine has placed the weights.
+// read are global, always resident. Every runner's engine is a component of one pipeline
+// (layer_streaming mode) under one budget (--max-vram), in the order the runners first
+// compute (text encoders, diffusion model, VAE). A runner's computes are its stage: the
+// pipeline places its engine (resident, or streaming the layers that do not fit through a
+// ring of slots, copied ahead while the previous segment computes), moving a text encoder or
+// diffusion model that is no longer running off the device when the room is needed. sd.cpp's
+// own per-segment upload (a fresh device buffer and synchronous copies of every weight,
+// every pass) is skipped while the engine has placed the weights.
 #ifndef OFFLOAD_ENGINE_SD_HPP
 #define OFFLOAD_ENGINE_SD_HPP
 
@@ -46,14 +49,166 @@ inline std::string& refusal() {
     return message;
 }
 
+// sd.cpp's runners by what they do in a job (their get_desc()).
+inline int role_of(const std::string& desc) {
+    static const char* const diffusion[] = {"unet", "flux", "mmdit", "wan", "qwen_image", "z_image", "anima", "ernie_image"};
+    static const char* const decoders[]  = {"vae", "wan_vae", "taesd", "taehv", "fake_vae"};
+    for (const char* name : diffusion) {
+        if (desc == name) {
+            return OFFLOAD_ENGINE_ROLE_DIFFUSION;
+        }
+    }
+    for (const char* name : decoders) {
+        if (desc == name) {
+            return OFFLOAD_ENGINE_ROLE_DECODER;
+        }
+    }
+    if (desc == "control_net") {
+        return OFFLOAD_ENGINE_ROLE_CONTROL;
+    }
+    if (desc == "lora") {
+        return OFFLOAD_ENGINE_ROLE_ADAPTER;
+    }
+    if (desc == "esrgan") {
+        return OFFLOAD_ENGINE_ROLE_OTHER;
+    }
+    return OFFLOAD_ENGINE_ROLE_CONDITIONER;  // clip, t5, clip_vision, the LLM text encoders
+}
+
+// The process's pipeline: created with the first engine (with that runner's budget; all
+// runners of an sd_ctx share --max-vram) and freed with the last. sd.cpp runs one runner at a
+// time, so the open stage is the runner computing now, or the last one that did.
+class Pipeline {
+public:
+    static Pipeline& get() {
+        static Pipeline p;
+        return p;
+    }
+
+    // Adds `engine` as a component; between runs, as the pipeline requires.
+    bool join(offload_engine_engine* engine, const std::string& name, int role, uint64_t stage_need,
+              uint64_t budget, std::string* error) {
+        if (pipeline_ == nullptr) {
+            offload_engine_pipeline_params pp;
+            offload_engine_pipeline_params_init(&pp);
+            pp.offload_mode    = OFFLOAD_ENGINE_OFFLOAD_LAYER_STREAMING;
+            pp.budget_bytes    = budget;
+            pp.margin_bytes    = 0;
+            pp.min_free_bytes  = budget > 0 ? 0 : pp.min_free_bytes;  // --max-vram is all of it
+            pp.prefetch_depth  = config().prefetch_depth;
+            pp.passes_per_step = 2;  // classifier-free guidance; only the prediction uses it
+            if (config().resident_layers >= 0) {
+                pp.max_resident_layers = static_cast<uint32_t>(config().resident_layers);
+            }
+            if (offload_engine_pipeline_new(&pp, &pipeline_) != OFFLOAD_ENGINE_OK) {
+                *error    = offload_engine_last_error();
+                pipeline_ = nullptr;
+                return false;
+            }
+        }
+        if (!close_run() || offload_engine_pipeline_add(pipeline_, name.c_str(), role, engine) != OFFLOAD_ENGINE_OK ||
+            offload_engine_pipeline_set_stage_need(pipeline_, name.c_str(), stage_need) != OFFLOAD_ENGINE_OK) {
+            *error = offload_engine_last_error();
+            release_if_empty();
+            return false;
+        }
+        ++components_;
+        return true;
+    }
+
+    // Makes `name` the running stage; the engine is placed when this returns true.
+    bool enter(const std::string& name, std::string* error) {
+        if (stage_ == name) {
+            return true;
+        }
+        if (!stage_.empty() && !leave(stage_)) {
+            *error = offload_engine_last_error();
+            return false;
+        }
+        if (!in_run_) {
+            if (offload_engine_pipeline_run_begin(pipeline_) != OFFLOAD_ENGINE_OK) {
+                *error = offload_engine_last_error();
+                return false;
+            }
+            in_run_ = true;
+        }
+        if (offload_engine_pipeline_stage_begin(pipeline_, name.c_str()) != OFFLOAD_ENGINE_OK) {
+            *error = offload_engine_last_error();
+            return false;
+        }
+        stage_ = name;
+        return true;
+    }
+
+    bool leave(std::string name) {  // a copy: `name` may be stage_ itself
+        if (stage_ != name) {
+            return true;
+        }
+        stage_.clear();
+        return offload_engine_pipeline_stage_end(pipeline_, name.c_str()) == OFFLOAD_ENGINE_OK;
+    }
+
+    // Before the component's engine is freed.
+    void remove(const std::string& name) {
+        leave(name);
+        if (components_ > 0) {
+            --components_;
+        }
+        release_if_empty();
+    }
+
+    bool component(const std::string& name, offload_engine_component_info* info) {
+        info->size = sizeof *info;
+        return offload_engine_pipeline_component_info(pipeline_, name.c_str(), info) == OFFLOAD_ENGINE_OK;
+    }
+
+    // "pipeline budget B B, peak P B": what every component held together, at most.
+    std::string figures() {
+        offload_engine_pipeline_stats s;
+        s.size = sizeof s;
+        if (pipeline_ == nullptr || offload_engine_pipeline_get_stats(pipeline_, &s) != OFFLOAD_ENGINE_OK) {
+            return "";
+        }
+        char line[160];
+        std::snprintf(line, sizeof line, "pipeline budget %" PRIu64 " B, peak %" PRIu64 " B, %" PRIu64 " loads, %" PRIu64 " unloads",
+                      s.budget_bytes, s.peak_device_bytes, s.loads, s.unloads);
+        return line;
+    }
+
+private:
+    bool close_run() {
+        if (!stage_.empty() && !leave(stage_)) {
+            return false;
+        }
+        if (in_run_) {
+            in_run_ = false;
+            return offload_engine_pipeline_run_end(pipeline_) == OFFLOAD_ENGINE_OK;
+        }
+        return true;
+    }
+
+    void release_if_empty() {
+        if (components_ == 0 && pipeline_ != nullptr) {
+            close_run();
+            offload_engine_pipeline_free(pipeline_);
+            pipeline_ = nullptr;
+        }
+    }
+
+    offload_engine_pipeline* pipeline_ = nullptr;
+    size_t components_                 = 0;
+    bool in_run_                       = false;
+    std::string stage_;
+};
+
 class SegmentStreamer {
 public:
     using Plan    = sd::ggml_graph_cut::Plan;
     using Segment = sd::ggml_graph_cut::Segment;
 
-    // An engine over the weights `plan`'s segments read, on `backend`'s device, within
-    // `budget` bytes (0: the device's free memory). nullptr with `*error` set when the
-    // budget cannot hold it (the planner's message) or the library refuses.
+    // An engine over the weights `plan`'s segments read, on `backend`'s device, joined to the
+    // process's pipeline of `budget` bytes (0: the device's free memory). nullptr with
+    // `*error` set when the library refuses.
     static std::unique_ptr<SegmentStreamer> create(ggml_cgraph* gf,
                                                    const Plan& plan,
                                                    ggml_backend_t backend,
@@ -68,10 +223,53 @@ public:
     }
 
     ~SegmentStreamer() {
-        if (engine_ != nullptr) {
-            summarize();
-            offload_engine_engine_free(engine_);  // every weight points home again
+        release();
+        live().erase(std::find(live().begin(), live().end(), this));
+    }
+
+    // Before sd.cpp writes weights in place (a LoRA merged into them): every engine puts the
+    // weights it placed back home and is freed; each runner makes a new one on its next
+    // compute (released()).
+    static void release_all() {
+        for (SegmentStreamer* s : live()) {
+            s->release();
         }
+    }
+
+    bool released() const { return engine_ == nullptr; }
+
+    // Before each compute: this runner's stage begins (the pipeline places the engine if it
+    // is off the device). false with `*error` set (the planner's message) when it cannot.
+    bool place(std::string* error) {
+        if (!Pipeline::get().enter(name_, error)) {
+            *error += " -- with sd-cli: a larger --max-vram, --layer-prefetch-depth 0 (one slot), or "
+                      "--resident-layers 0";
+            return false;
+        }
+        offload_engine_component_info info;
+        if (!Pipeline::get().component(name_, &info)) {
+            *error = offload_engine_last_error();
+            return false;
+        }
+        streamed_ = info.streamed_layers;
+        resident_ = layers_ - streamed_;
+        if (info.loads != loads_) {
+            loads_ = info.loads;
+            // What each pass copies: the streamed layers, once each.
+            uint64_t per_pass = 0;
+            for (uint64_t l = 0; l < layers_; ++l) {
+                offload_engine_layer_stats ls;
+                ls.size = sizeof ls;
+                if (offload_engine_engine_layer_stats(engine_, l, &ls) == OFFLOAD_ENGINE_OK && !ls.resident) {
+                    per_pass += bytes_of_layer_[l];
+                }
+            }
+            std::fprintf(stderr, "offload-engine: %s: placed %s: %" PRIu64 " resident, %" PRIu64
+                         " streamed layers (%" PRIu64 " B per pass), %" PRIu64 " B on the device; %s\n",
+                         desc_.c_str(), streamed_ > 0 ? "streaming" : "resident", resident_, streamed_, per_pass,
+                         info.device_bytes, Pipeline::get().figures().c_str());
+        }
+        return true;
     }
 
     bool all_resident() const { return streamed_ == 0; }
@@ -127,7 +325,25 @@ public:
     }
 
 private:
-    explicit SegmentStreamer(std::string desc) : desc_(std::move(desc)) {}
+    explicit SegmentStreamer(std::string desc) : desc_(std::move(desc)) { live().push_back(this); }
+
+    static std::vector<SegmentStreamer*>& live() {
+        static std::vector<SegmentStreamer*> streamers;
+        return streamers;
+    }
+
+    void release() {
+        if (engine_ == nullptr) {
+            return;
+        }
+        summarize();
+        if (joined_) {
+            Pipeline::get().remove(name_);
+            joined_ = false;
+        }
+        offload_engine_engine_free(engine_);  // every weight points home again
+        engine_ = nullptr;
+    }
 
     bool ok(int status, const char* what) {
         if (status == OFFLOAD_ENGINE_OK) {
@@ -200,14 +416,23 @@ private:
         }
         layers_ = layers;
         offload_engine_registry_global_bytes(registry, &global_bytes_);
-        uint64_t total = 0;
+        uint64_t total = 0, largest = 0;
         offload_engine_registry_total_bytes(registry, &total);
         layer_bytes_ = total - global_bytes_;
+        for (uint64_t l = 0; l < layers; ++l) {
+            offload_engine_layer_info info;
+            info.size = sizeof info;
+            uint64_t bytes = 0;
+            if (offload_engine_registry_layer_info(registry, l, &info) == OFFLOAD_ENGINE_OK) {
+                bytes = info.bytes;
+            }
+            bytes_of_layer_.push_back(bytes);
+            largest = std::max(largest, bytes);
+        }
 
         offload_engine_engine_params ep;
         offload_engine_engine_params_init(&ep);
         ep.device         = ggml_backend_dev_name(ggml_backend_get_device(backend));
-        ep.budget_bytes   = budget;
         ep.prefetch_depth = config().prefetch_depth;
         int status        = offload_engine_engine_new(&ep, registry, &engine_);
         offload_engine_registry_free(registry);  // the engine keeps its own copy
@@ -228,34 +453,19 @@ private:
             compute     = std::max(compute, seg.compute_buffer_size);
             activations = std::max(activations, seg.input_previous_cut_bytes + seg.output_bytes);
         }
-        offload_engine_plan_params pp;
-        offload_engine_plan_params_init(&pp);
-        pp.compute_reserve_bytes = compute + 2 * activations;
-        pp.passes_per_step       = 2;  // classifier-free guidance; only the prediction uses it
-        if (config().resident_layers >= 0) {
-            pp.max_resident_layers = static_cast<uint32_t>(config().resident_layers);
-        }
-        offload_engine_plan* plan_handle = nullptr;
-        if (offload_engine_engine_prepare(engine_, &pp, &plan_handle) != OFFLOAD_ENGINE_OK) {
-            *error = std::string(offload_engine_last_error()) +
-                     " -- with sd-cli: a larger --max-vram, --layer-prefetch-depth 0 (one slot), or "
-                     "--resident-layers 0";
-            offload_engine_engine_free(engine_);
-            engine_ = nullptr;
+        uint64_t reserve = compute + 2 * activations;
+        // Names are unique in the pipeline: two runners may share a description.
+        static uint64_t serial = 0;
+        name_ = desc_ + "#" + std::to_string(++serial);
+        if (!Pipeline::get().join(engine_, name_, role_of(desc_), reserve, budget, error)) {
             return false;
         }
-        offload_engine_plan_summary summary;
-        summary.size = sizeof summary;
-        offload_engine_plan_get_summary(plan_handle, &summary);
-        resident_ = summary.resident_layer_count;
-        streamed_ = summary.streamed_layer_count;
+        joined_ = true;
         std::fprintf(stderr,
                      "offload-engine: %s: %zu segments, %zu layers, %zu weights; global %" PRIu64
-                     " B, layers %" PRIu64 " B (largest %" PRIu64 " B), reserve %" PRIu64 " B; %s\n",
-                     desc_.c_str(), plan.segments.size(), layers, order.size(), global_bytes_, layer_bytes_,
-                     summary.layer_bytes_max, static_cast<uint64_t>(pp.compute_reserve_bytes),
-                     offload_engine_plan_message(plan_handle));
-        offload_engine_plan_free(plan_handle);
+                     " B, layers %" PRIu64 " B (largest %" PRIu64 " B), reserve %" PRIu64 " B\n",
+                     desc_.c_str(), plan.segments.size(), layers, order.size(), global_bytes_, layer_bytes_, largest,
+                     reserve);
         return true;
     }
 
@@ -270,15 +480,20 @@ private:
         std::fprintf(stderr,
                      "offload-engine: %s: %" PRIu64 " resident, %" PRIu64 " streamed layers; %" PRIu64
                      " passes; %" PRIu64 " bytes moved (%" PRIu64 " placed once, %" PRIu64
-                     " streamed); prefetch hits %" PRIu64 " of %" PRIu64 " loads; waited %.1f ms\n",
+                     " streamed); prefetch hits %" PRIu64 " of %" PRIu64 " loads; waited %.1f ms; %s\n",
                      desc_.c_str(), resident_, streamed_, s.passes, s.bytes_copied, s.placement_bytes,
-                     s.streamed_bytes, s.prefetch_hits, s.layer_loads, s.wait_us / 1000.0);
+                     s.streamed_bytes, s.prefetch_hits, s.layer_loads, s.wait_us / 1000.0,
+                     Pipeline::get().figures().c_str());
     }
 
     std::string desc_;
+    std::string name_;  // the pipeline component's
+    bool joined_       = false;
+    uint64_t loads_    = 0;
     offload_engine_engine* engine_ = nullptr;
     std::unordered_map<const ggml_tensor*, int64_t> layer_of_;  // engine layer; -1: global
     uint64_t layers_   = 0;
+    std::vector<uint64_t> bytes_of_layer_;
     uint64_t global_bytes_ = 0;
     uint64_t layer_bytes_  = 0;
     uint64_t resident_ = 0;
