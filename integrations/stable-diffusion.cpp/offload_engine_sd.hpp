@@ -469,8 +469,9 @@ private:
         return true;
     }
 
-    // One line per sampling run (the runner's weights are freed after it): what stayed, what
-    // streamed, what moved, how well the copies were ahead.
+    // One line when the engine is freed (in sd-cli, after the runner's sampling run), with its
+    // last placement's figures: what stayed, what streamed, what moved, how well the copies
+    // were ahead.
     void summarize() {
         offload_engine_stats s;
         s.size = sizeof s;
