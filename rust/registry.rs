@@ -154,19 +154,17 @@ fn wait_for_deferred_releases() -> bool {
     true
 }
 
-/// Runs `check` again after pending releases when it reports a claimed tensor.
+/// Runs `check`, a test for claimed tensors, again after pending releases when it fails.
 fn unless_released<T>(mut check: impl FnMut() -> Result<T>) -> Result<T> {
     match check() {
-        Err(e) if e.message.ends_with(CLAIMED_SUFFIX) && wait_for_deferred_releases() => check(),
+        Err(_) if wait_for_deferred_releases() => check(),
         other => other,
     }
 }
 
-const CLAIMED_SUFFIX: &str = "(a tensor belongs to one engine at a time: free that engine first)";
-
 fn claimed_error(name: &str) -> Error {
     Error::state(format!(
-        "tensor '{name}' is in use by another live engine {CLAIMED_SUFFIX}"
+        "tensor '{name}' is in use by another live engine (a tensor belongs to one engine at a time: free that engine first)"
     ))
 }
 
