@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -290,23 +289,28 @@ public:
     bool end_all() { return end_pass(); }
 
     // Opens the layers whose weights `segment` reads (a merged segment spans several); a
-    // segment that reads only global weights opens none.
+    // segment that reads only global weights opens none. Which layers a segment reads is
+    // found on its first pass and kept: every graph of the runner cuts at the same names.
     bool begin_segment(ggml_cgraph* gf, const Segment& segment) {
-        int64_t first = -1, last = -1;
-        for (ggml_tensor* t : sd::ggml_graph_cut::param_tensors(gf, segment)) {
-            auto it = layer_of_.find(t);
-            if (it == layer_of_.end()) {
-                std::fprintf(stderr, "offload-engine: %s: a weight of segment %s is unknown to the engine\n",
-                             desc_.c_str(), segment.group_name.c_str());
-                return false;
+        auto known = layers_of_segment_.find(segment.group_name);
+        if (known == layers_of_segment_.end()) {
+            int64_t first = -1, last = -1;
+            for (ggml_tensor* t : sd::ggml_graph_cut::param_tensors(gf, segment)) {
+                auto it = layer_of_.find(t);
+                if (it == layer_of_.end()) {
+                    std::fprintf(stderr, "offload-engine: %s: a weight of segment %s is unknown to the engine\n",
+                                 desc_.c_str(), segment.group_name.c_str());
+                    return false;
+                }
+                if (it->second >= 0) {
+                    first = first < 0 ? it->second : std::min(first, it->second);
+                    last  = std::max(last, it->second);
+                }
             }
-            if (it->second < 0) {
-                continue;
-            }
-            first = first < 0 ? it->second : std::min(first, it->second);
-            last  = std::max(last, it->second);
+            known = layers_of_segment_.emplace(segment.group_name, std::make_pair(first, last - first + 1)).first;
         }
-        return first < 0 || open(static_cast<uint64_t>(first), static_cast<uint64_t>(last - first + 1));
+        int64_t first = known->second.first;
+        return first < 0 || open(static_cast<uint64_t>(first), static_cast<uint64_t>(known->second.second));
     }
 
     bool end_segment() {
@@ -386,13 +390,13 @@ private:
             *error = offload_engine_last_error();
             return false;
         }
-        std::unordered_map<uint64_t, const ggml_tensor*> by_id;
+        std::vector<uint64_t> ids(order.size());
         for (size_t i = 0; i < order.size(); ++i) {
             ggml_tensor* t = order[i];
             // sd.cpp's weights carry no ggml names; the engine needs unique ones.
             char name[48];
             std::snprintf(name, sizeof name, "%s.param.%zu", desc_.c_str(), i);
-            uint64_t id = 0;
+            uint64_t& id = ids[i];
             if (!ok(offload_engine_registry_add_tensor(registry, t, name, &id), "add_tensor") ||
                 (owner[t] >= 0 && !ok(offload_engine_registry_assign(registry, id, static_cast<uint32_t>(owner[t])), "assign"))) {
                 *error = offload_engine_last_error();
@@ -400,20 +404,19 @@ private:
                 return false;
             }
         }
-        // Engine layers are the segments that own weights, in segment order: "layer.<segment>".
+        // Engine layers are the segments that own weights, in segment order; -1: global.
+        for (size_t i = 0; i < order.size(); ++i) {
+            offload_engine_tensor_info info;
+            info.size = sizeof info;
+            if (!ok(offload_engine_registry_tensor_info(registry, ids[i], &info), "tensor_info")) {
+                *error = offload_engine_last_error();
+                offload_engine_registry_free(registry);
+                return false;
+            }
+            layer_of_[order[i]] = info.layer;
+        }
         size_t layers = 0;
         offload_engine_registry_layer_count(registry, &layers);
-        std::unordered_map<int64_t, int64_t> layer_of_segment;
-        for (uint64_t l = 0; l < layers; ++l) {
-            offload_engine_layer_info info;
-            info.size = sizeof info;
-            if (ok(offload_engine_registry_layer_info(registry, l, &info), "layer_info")) {
-                layer_of_segment[std::atoll(info.name + 6)] = static_cast<int64_t>(l);
-            }
-        }
-        for (ggml_tensor* t : order) {
-            layer_of_[t] = owner[t] >= 0 ? layer_of_segment[owner[t]] : -1;
-        }
         layers_ = layers;
         offload_engine_registry_global_bytes(registry, &global_bytes_);
         uint64_t total = 0, largest = 0;
@@ -493,6 +496,8 @@ private:
     uint64_t loads_    = 0;
     offload_engine_engine* engine_ = nullptr;
     std::unordered_map<const ggml_tensor*, int64_t> layer_of_;  // engine layer; -1: global
+    // Per segment name: its first engine layer (-1: none) and how many it opens.
+    std::unordered_map<std::string, std::pair<int64_t, int64_t>> layers_of_segment_;
     uint64_t layers_   = 0;
     std::vector<uint64_t> bytes_of_layer_;
     uint64_t global_bytes_ = 0;
