@@ -118,24 +118,27 @@ fi
 step "sd-cli with offload-engine"
 build_targets "$build" sd-cli
 
-step "sd-model-gen (generated weights, sd.cpp's tensor lists)"
+# A program of ours linked against the patched sd.cpp library, its ggml and the engine,
+# rebuilt when its source or that library is newer: link_program SOURCE BINARY [FLAGS...].
 mkdir -p "$out/bin"
 sdlib=$(find "$build" -name 'libstable-diffusion.a' | head -1)
-if [ ! -x "$out/bin/sd-model-gen" ] || [ "$here/model_gen.cpp" -nt "$out/bin/sd-model-gen" ] || [ "$sdlib" -nt "$out/bin/sd-model-gen" ]; then
-    c++ -std=c++17 -O2 -DGGML_MAX_NAME=128 -DSD_USE_OFFLOAD_ENGINE \
-        -I"$patched" -I"$patched/src" -I"$patched/include" -I"$patched/thirdparty" \
-        -I"$patched/ggml/include" -I"$root/ffi" -I"$here" \
-        "$here/model_gen.cpp" "$sdlib" $(find "$build" -name 'libzip.a' | head -1) \
-        -L"$prefix/lib" -lggml -lggml-base -lggml-cpu "$engine" -Wl,--disable-new-dtags -Wl,-rpath,"$prefix/lib:$out/engine/release" \
-        -lpthread -ldl -o "$out/bin/sd-model-gen"
-fi
+link_program() {
+    local source=$1 binary=$out/bin/$2
+    shift 2
+    if [ ! -x "$binary" ] || [ "$source" -nt "$binary" ] || [ "$sdlib" -nt "$binary" ]; then
+        c++ -std=c++17 -O2 -I"$patched/include" "$@" \
+            "$source" "$sdlib" $(find "$build" -name 'libzip.a' | head -1) \
+            -L"$prefix/lib" -lggml -lggml-base -lggml-cpu "$engine" -Wl,--disable-new-dtags -Wl,-rpath,"$prefix/lib:$out/engine/release" \
+            -lpthread -ldl -o "$binary"
+    fi
+}
+
+step "sd-model-gen (generated weights, sd.cpp's tensor lists)"
+link_program "$here/model_gen.cpp" sd-model-gen -DGGML_MAX_NAME=128 -DSD_USE_OFFLOAD_ENGINE \
+    -I"$patched" -I"$patched/src" -I"$patched/thirdparty" -I"$patched/ggml/include" -I"$root/ffi" -I"$here"
 
 step "sd-jobs (a host that keeps its models loaded between jobs)"
-if [ ! -x "$out/bin/sd-jobs" ] || [ "$here/jobs.cpp" -nt "$out/bin/sd-jobs" ] || [ "$sdlib" -nt "$out/bin/sd-jobs" ]; then
-    c++ -std=c++17 -O2 -I"$patched/include" "$here/jobs.cpp" "$sdlib" $(find "$build" -name 'libzip.a' | head -1) \
-        -L"$prefix/lib" -lggml -lggml-base -lggml-cpu "$engine" -Wl,--disable-new-dtags -Wl,-rpath,"$prefix/lib:$out/engine/release" \
-        -lpthread -ldl -o "$out/bin/sd-jobs"
-fi
+link_program "$here/jobs.cpp" sd-jobs
 
 step "sd-cli unpatched"
 cmake -S "$pristine" -B "$out/build/pristine" "${cmake_args[@]}" >/dev/null
