@@ -1,31 +1,22 @@
 //! Builds tests/cpp/api_test.cpp against cpp/offload_engine.hpp and the static library, and
 //! runs it.
 
+#[allow(dead_code)] // shared by the example tests; this one takes the library from it
+mod common;
+#[allow(dead_code)]
+#[path = "common/example.rs"]
+mod example;
 #[path = "common/gemma.rs"]
 mod gemma;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn profile_dir() -> PathBuf {
-    // target/<profile>/deps/cpp_api-<hash> -> target/<profile>
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-}
 
 #[test]
 fn cpp_api_end_to_end() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib = profile_dir().join("liboffload_engine.a");
-    if !lib.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--lib"])
-            .current_dir(root)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    assert!(lib.exists(), "{} missing", lib.display());
+    // This run's archive (target/<profile>/liboffload_engine.a is refreshed by cargo build only).
+    let lib = example::static_library();
     let out_dir = std::env::temp_dir().join(format!("oe-cpp-api-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let exe = out_dir.join("api_test");
