@@ -368,6 +368,8 @@ typedef struct offload_engine_layer_stats {
     uint64_t wait_us;
     uint64_t compute_us;
     uint64_t evict_us;
+    uint64_t load_bytes; /* what one load copies (the file stretch it reads, for the disk
+                            tier); bytes is loads of these */
 } offload_engine_layer_stats;
 
 void offload_engine_engine_params_init(offload_engine_engine_params *params);

@@ -191,6 +191,7 @@ class _LayerStats(ctypes.Structure):
         ("wait_us", ctypes.c_uint64),
         ("compute_us", ctypes.c_uint64),
         ("evict_us", ctypes.c_uint64),
+        ("load_bytes", ctypes.c_uint64),
     ]
 
 
@@ -881,6 +882,7 @@ class LayerStats(_Record):
     wait_us: int
     compute_us: int
     evict_us: int
+    load_bytes: int
 
 
 class Engine(_Handle):

@@ -351,6 +351,9 @@ pub struct LayerStats {
     pub resident: bool,
     pub loads: u64,
     pub bytes: u64,
+    /// What one load of the layer copies (its image's data, or the file stretch read in one
+    /// go): `bytes` is `loads` of these.
+    pub load_bytes: u64,
     pub wait_us: u64,
     pub compute_us: u64,
     pub evict_us: u64,
@@ -605,6 +608,7 @@ impl Streamer {
             .map(|(i, l)| LayerStats {
                 name: l.name.clone(),
                 resident: resident[i],
+                load_bytes: l.copy_bytes,
                 ..Default::default()
             })
             .collect();
@@ -1274,6 +1278,7 @@ impl Streamer {
                 .map(|l| LayerStats {
                     name: l.name,
                     resident: l.resident,
+                    load_bytes: l.load_bytes,
                     ..Default::default()
                 })
                 .collect(),

@@ -79,6 +79,7 @@ pub struct LayerStatsC {
     pub wait_us: u64,
     pub compute_us: u64,
     pub evict_us: u64,
+    pub load_bytes: u64,
 }
 
 pub struct EngineHandle {
@@ -321,6 +322,7 @@ pub extern "C" fn offload_engine_engine_layer_stats(
                 wait_us: l.wait_us,
                 compute_us: l.compute_us,
                 evict_us: l.evict_us,
+                load_bytes: l.load_bytes,
             };
             Ok(())
         })

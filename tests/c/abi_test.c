@@ -1392,6 +1392,7 @@ static void check_stats(offload_engine_engine *engine, const int *streamed, uint
         CHECK(layer_stats.size == sizeof layer_stats);
         CHECK(layer_stats.resident == !streamed[layer]);
         CHECK(layer_stats.loads == (streamed[layer] ? passes : 0));
+        CHECK(layer_stats.load_bytes == MODEL_WEIGHT_BYTES); /* resident ones too: what a load would copy */
         CHECK(layer_stats.bytes == layer_stats.loads * MODEL_WEIGHT_BYTES);
     }
     layer_stats.size = sizeof layer_stats;
