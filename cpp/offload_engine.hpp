@@ -136,6 +136,15 @@ public:
         if (int s = offload_engine_registry_add_context(get(), ctx, &n)) return detail::error_from(s);
         return n;
     }
+    // Disk tier for hosts with their own loader: the tensor's data lies at `offset` of the
+    // file at `path`; the engine reads it from there and never touches its host memory.
+    Result<uint64_t> add_tensor_from_file(ggml_tensor *tensor, const char *name, const std::string &path,
+                                          uint64_t offset) {
+        uint64_t id = 0;
+        if (int s = offload_engine_registry_add_tensor_from_file(get(), tensor, name, path.c_str(), offset, &id))
+            return detail::error_from(s);
+        return id;
+    }
     Result<size_t> add_gguf(const std::string &path) {
         size_t n = 0;
         if (int s = offload_engine_registry_add_gguf(get(), path.c_str(), &n)) return detail::error_from(s);

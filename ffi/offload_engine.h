@@ -189,6 +189,18 @@ int offload_engine_registry_add_gguf(offload_engine_registry *registry, const ch
  * unless pinned_limit_bytes asks for one). */
 int offload_engine_registry_add_file_backed(offload_engine_registry *registry, struct ggml_context *ctx, const char *path, size_t *count_out);
 
+/* Disk tier for hosts with their own loader: registers a host tensor (as add_tensor; `name`
+ * NULL uses the name ggml holds) whose data lies at byte `offset` of the file at `path`, laid
+ * out as ggml lays out the tensor (ggml_nbytes bytes; a GGUF or safetensors file that holds
+ * it in its own type). The host need not read it: its memory is never read or written by the
+ * engine, which reads the bytes
+ * from the file whenever it places the tensor (resident or streamed) and points the tensor
+ * back at that memory when it takes it off the device. The file is opened and stamped on its
+ * first use in this registry and must stay that file (as add_file_backed). A range outside
+ * the file is ERR_CORRUPT_FILE, a path that is not a regular file ERR_IO; nothing is
+ * registered then. `id_out` may be NULL. */
+int offload_engine_registry_add_tensor_from_file(offload_engine_registry *registry, struct ggml_tensor *tensor, const char *name, const char *path, uint64_t offset, uint64_t *id_out);
+
 /* Registers a tensor by description only (planning and simulation). `ne` holds n_dims (1..4)
  * positive sizes. */
 int offload_engine_registry_add_descriptor(offload_engine_registry *registry, const char *name, int ggml_type, int n_dims, const int64_t *ne, uint64_t *id_out);

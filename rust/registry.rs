@@ -62,6 +62,14 @@ pub enum Source {
     },
 }
 
+/// The name ggml holds for `t`.
+fn ggml_name(t: &crate::ggml::ggml_tensor) -> String {
+    // SAFETY: ggml names are NUL-terminated inside their fixed array.
+    unsafe { std::ffi::CStr::from_ptr(t.name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Stable handle of a registered tensor. The upper half names the registry so an id from
 /// another registry is rejected instead of silently aliasing a tensor here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -578,10 +586,7 @@ impl Registry {
         let name = match name {
             Some(n) => n,
             None => {
-                // SAFETY: ggml names are NUL-terminated inside their fixed array.
-                owned = unsafe { std::ffi::CStr::from_ptr(t.name.as_ptr()) }
-                    .to_string_lossy()
-                    .into_owned();
+                owned = ggml_name(t);
                 &owned
             }
         };
@@ -646,6 +651,64 @@ impl Registry {
         };
         entry.location = Location::File;
         Ok(id)
+    }
+
+    /// Registers a host tensor whose data lies at `offset` of the file at `path` (any format:
+    /// the bytes there are the tensor's data as ggml lays it out), for hosts with their own
+    /// loader that leave the weights in the file (the disk tier). The file is registered on
+    /// its first use (its stamp taken then; streaming refuses it once it changed), and a range
+    /// outside it is refused.
+    ///
+    /// # Safety
+    /// As `add_ggml_tensor`.
+    pub unsafe fn add_ggml_tensor_from_file(
+        &mut self,
+        tensor: *mut crate::ggml::ggml_tensor,
+        name: Option<&str>,
+        path: &Path,
+        offset: u64,
+    ) -> Result<TensorId> {
+        if tensor.is_null() {
+            return Err(Error::new(Status::NullPointer, "tensor is NULL"));
+        }
+        let owned;
+        let name = match name {
+            Some(n) => n,
+            None => {
+                // SAFETY: a non-null tensor the caller guarantees valid.
+                owned = ggml_name(unsafe { &*tensor });
+                &owned
+            }
+        };
+        self.check_not_frozen("register tensors")?;
+        let files_before = self.files.len();
+        let file = match self.files.iter().position(|f| f.path == path) {
+            Some(known) => known as u32,
+            None => {
+                let (_, stamp) = gguf::open_regular(path)?;
+                self.add_stamped_file(path, Some(stamp))?
+            }
+        };
+        let size = self.files[file as usize].stamp.map_or(0, |s| s.size);
+        // SAFETY: a non-null tensor the caller guarantees valid.
+        let bytes = unsafe { crate::ggml::ggml_nbytes(tensor) } as u64;
+        if offset.checked_add(bytes).is_none_or(|end| end > size) {
+            self.files.truncate(files_before);
+            return Err(Error::new(
+                Status::CorruptFile,
+                format!(
+                    "tensor '{name}': bytes {offset}..{} lie outside {} ({size} bytes)",
+                    offset.saturating_add(bytes),
+                    path.display()
+                ),
+            ));
+        }
+        // SAFETY: forwarded caller guarantee.
+        let added = unsafe { self.add_ggml_tensor_in_file(tensor, name, file, offset) };
+        if added.is_err() {
+            self.files.truncate(files_before);
+        }
+        added
     }
 
     /// Registers every tensor of a host context (as `add_ggml_tensor`); all or nothing.

@@ -786,6 +786,29 @@ fn step(input: &mut Input, state: &mut State, models: &[Model; 2]) {
             };
             let mut count = usize::MAX;
             let rc = if input.bool() {
+                let tensor = if input.bool() {
+                    models[0].tensors[0]
+                } else {
+                    null_mut()
+                };
+                let name = text(input, &NAMES);
+                let offset = u64::from(input.u8()) << (input.u8() % 64);
+                let mut id = u64::MAX;
+                let rc = check(
+                    offload_engine_registry_add_tensor_from_file(
+                        r,
+                        tensor,
+                        ptr_of(&name),
+                        ptr_of(&path),
+                        offset,
+                        &mut id,
+                    ),
+                    "registry_add_tensor_from_file",
+                );
+                assert_ne!(rc, 0, "registered a tensor from a file that is not there");
+                unchanged(rc, u64::MAX, id, "registry_add_tensor_from_file");
+                rc
+            } else if input.bool() {
                 check(
                     offload_engine_registry_add_gguf(r, ptr_of(&path), &mut count),
                     "registry_add_gguf",

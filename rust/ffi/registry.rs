@@ -215,6 +215,33 @@ pub extern "C" fn offload_engine_registry_add_file_backed(
 }
 
 #[no_mangle]
+pub extern "C" fn offload_engine_registry_add_tensor_from_file(
+    handle: *mut RegistryHandle,
+    tensor: *mut sys::ggml_tensor,
+    name: *const c_char,
+    path: *const c_char,
+    offset: u64,
+    id_out: *mut u64,
+) -> c_int {
+    boundary(|| {
+        with_registry(handle, |state| {
+            let name = optional_text(name, "name")?;
+            let path = PathBuf::from(text(path, "path")?);
+            // SAFETY: the header requires a valid tensor that outlives the registry's engines.
+            let id = unsafe {
+                state
+                    .registry
+                    .add_ggml_tensor_from_file(tensor, name, &path, offset)?
+            };
+            if let Some(slot) = optional_out(id_out) {
+                *slot = id.0;
+            }
+            Ok(())
+        })
+    })
+}
+
+#[no_mangle]
 pub extern "C" fn offload_engine_registry_add_descriptor(
     handle: *mut RegistryHandle,
     name: *const c_char,

@@ -2,7 +2,9 @@
 // the staged executor with lambdas; streamed output equals the fully resident one. With a
 // llama.cpp model as argv[1], the drop-in's two calls (cpp/offload_engine_llama.hpp).
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "ggml-alloc.h"
@@ -82,11 +84,43 @@ struct Model {
 };
 
 
-static std::vector<uint8_t> run(Model &model, uint64_t budget, uint32_t depth, int expected_mode) {
+// Each tensor of `model` at a multiple of 4 KiB of `path`, in context order: where a host with
+// its own loader would leave the weights; returns their offsets.
+static std::vector<uint64_t> write_weights(Model &model, const std::string &path) {
+    std::vector<uint64_t> offsets;
+    FILE *f = std::fopen(path.c_str(), "wb");
+    EXPECT(f != nullptr);
+    if (f == nullptr) return offsets;
+    uint64_t at = 0;
+    for (ggml_tensor *t = ggml_get_first_tensor(model.ctx); t; t = ggml_get_next_tensor(model.ctx, t)) {
+        std::vector<uint8_t> block((ggml_nbytes(t) + 4095) / 4096 * 4096, 0);
+        std::memcpy(block.data(), t->data, ggml_nbytes(t));
+        EXPECT(std::fwrite(block.data(), 1, block.size(), f) == block.size());
+        offsets.push_back(at);
+        at += block.size();
+    }
+    EXPECT(std::fclose(f) == 0);
+    return offsets;
+}
+
+// `weights_file`: the tensors are registered from there (write_weights), not from memory.
+static std::vector<uint8_t> run(Model &model, uint64_t budget, uint32_t depth, int expected_mode,
+                                const std::string *weights_file = nullptr, const std::vector<uint64_t> &offsets = {}) {
     auto registry = oe::Registry::create();
     EXPECT(registry.ok());
-    auto added = registry->add_context(model.ctx);
-    EXPECT(added.ok() && *added == Model::kLayers + 1);
+    if (weights_file == nullptr) {
+        auto added = registry->add_context(model.ctx);
+        EXPECT(added.ok() && *added == Model::kLayers + 1);
+    } else {
+        size_t i = 0;
+        for (ggml_tensor *t = ggml_get_first_tensor(model.ctx); t; t = ggml_get_next_tensor(model.ctx, t), ++i) {
+            auto added = registry->add_tensor_from_file(t, nullptr, *weights_file, i < offsets.size() ? offsets[i] : 0);
+            if (!added.ok()) std::fprintf(stderr, "add_tensor_from_file: %s\n", added.error().message.c_str());
+            EXPECT(i < offsets.size() && added.ok());
+        }
+        auto outside = registry->add_tensor_from_file(model.head, "extra", *weights_file, offsets.back() + 4096);
+        EXPECT(!outside.ok() && outside.error().status == oe::Status::corrupt_file);
+    }
     auto arch = registry->architecture();
     EXPECT(arch.ok() && *arch == "llama_gguf");
     auto engine = oe::Engine::create(*registry, oe::EngineOptions{"CPU", budget, depth, 1, false});
@@ -258,6 +292,18 @@ int main(int argc, char **argv) {
     auto streamed = run(model, 5 * layer_bytes, 1, OFFLOAD_ENGINE_MODE_STREAMING);
     auto deep = run(model, 6 * layer_bytes, 3, OFFLOAD_ENGINE_MODE_STREAMING);
     EXPECT(!resident.empty() && resident == streamed && resident == deep);
+    {
+        // The same weights left in a file: only the file holds them, and the output is the same.
+        const char *dir = std::getenv("TMPDIR");
+        std::string path = std::string(dir != nullptr ? dir : "/tmp") + "/offload-engine-cpp-weights.bin";
+        auto offsets = write_weights(model, path);
+        Model blank;
+        for (ggml_tensor *t = ggml_get_first_tensor(blank.ctx); t; t = ggml_get_next_tensor(blank.ctx, t))
+            std::memset(t->data, 0, ggml_nbytes(t));
+        auto from_file = run(blank, 5 * layer_bytes, 1, OFFLOAD_ENGINE_MODE_STREAMING, &path, offsets);
+        EXPECT(!from_file.empty() && from_file == resident);
+        std::remove(path.c_str());
+    }
     Model second;
     pipeline_checks(model, second, resident);
 
