@@ -97,6 +97,18 @@ fn sd_cli(
     dir: &Path,
     extra: &[String],
 ) -> (common::Finished, PathBuf) {
+    let file = build().models.join(format!("{}.gguf", model.name));
+    sd_cli_on(model, &file, binary, dir, extra)
+}
+
+/// As `sd_cli`, with the model read from `file`.
+fn sd_cli_on(
+    model: &Model,
+    file: &Path,
+    binary: &str,
+    dir: &Path,
+    extra: &[String],
+) -> (common::Finished, PathBuf) {
     let b = build();
     std::fs::create_dir_all(dir).unwrap();
     let image = dir.join("out.png");
@@ -104,7 +116,7 @@ fn sd_cli(
     let mut command = Command::new(b.bin.join(binary));
     command
         .arg("-m")
-        .arg(b.models.join(format!("{}.gguf", model.name)))
+        .arg(file)
         .arg("--taesd")
         .arg(b.models.join(model.tae))
         .args(["-p", "a lighthouse on a cliff", "-n", "blurry"])
@@ -375,19 +387,24 @@ fn two_images_in_one_process_and_a_budget_too_small() {
     // Below the global tensors plus one slot: the planner's message, no image, no crash.
     let dir = scratch("too-small");
     let (run, image) = sd_cli(&SD1_TINY, "sd-cli", &dir, &streaming_args(global / 2, 1));
-    assert!(!run.success(), "a budget of {} B ran", global / 2);
+    assert_stopped(&run, &image, &["insufficient device memory", "--max-vram"]);
+}
+
+/// sd-cli stopped with exit status 1 (not a signal), saying each of `said`, and wrote no image.
+fn assert_stopped(run: &common::Finished, image: &Path, said: &[&str]) {
     assert_eq!(
         run.status.and_then(|s| s.code()),
         Some(1),
         "not a clean exit (a signal, or no status): {}",
         run.stderr
     );
-    assert!(
-        run.stderr.contains("insufficient device memory"),
-        "{}",
-        run.stderr
-    );
-    assert!(run.stderr.contains("--max-vram"), "{}", run.stderr);
+    for words in said {
+        assert!(
+            run.stderr.contains(words),
+            "no {words:?} in\n{}",
+            run.stderr
+        );
+    }
     assert!(!image.exists(), "an image was written");
 }
 
@@ -468,4 +485,120 @@ fn jobs_in_a_host_that_keeps_its_models_share_one_budget() {
                 .any(|l| l.starts_with("offload-engine: unet: placed streaming")),
         "{stderr}"
     );
+}
+
+/// `offload-engine: <runner>: ... K weights (F, B B, read from the model file); ...`: K, F, B.
+fn weights_from_file(stderr: &str, runner: &str) -> (u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("offload-engine: {runner}:")) && l.contains(" weights ("))
+        .unwrap_or_else(|| panic!("no plan line for {runner} in\n{stderr}"));
+    let numbers: Vec<u64> = line[line.find(" layers, ").expect("layers") + 9..]
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(3)
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (numbers[0], numbers[1], numbers[2])
+}
+
+/// The disk tier (`--stream-from-file`): sd.cpp's loader leaves the runners' weights in the
+/// model file and the engines read them from there whenever they place them, so the process
+/// holds no copy of the model. For each model the PNG is the unpatched sd-cli's at the global
+/// tensors plus two slots (SD 1.x: prefetch depths 0, 1 and 2, and half the UNet too); every
+/// weight of the diffusion model comes from the file, and the peak resident set is below the
+/// same streamed run's with the weights in memory by at least 80% of the diffusion model's
+/// weights. A model file cut short is refused with its name and the range, exit status 1, no
+/// image.
+#[test]
+fn weights_left_in_the_model_file_stream_with_the_unpatched_image_in_less_memory() {
+    streams_from_the_model_file(&SD1_TINY, &[0, 1, 2], true);
+    streams_from_the_model_file(&FLUX_TINY, &[1], false);
+    refuses_a_model_file_cut_short(&SD1_TINY);
+}
+
+fn streams_from_the_model_file(model: &Model, depths: &[u32], half_too: bool) {
+    let dir = |name: &str| scratch(&format!("from-file/{}/{name}", model.name));
+    let (reference, reference_png) = sd_cli(model, "sd-cli-unpatched", &dir("reference"), &[]);
+    assert!(reference.success(), "{}", reference.stderr);
+    let expected = png(&reference_png);
+    let (roomy, _) = sd_cli(model, "sd-cli", &dir("roomy"), &streaming_args(64 << 30, 1));
+    assert!(roomy.success(), "{}", roomy.stderr);
+    let (global, layers, largest, reserve) = sizes(&roomy.stderr, model.runner);
+    let two_slots = global + 2 * largest + reserve + (1 << 20);
+    let (in_memory, image) = sd_cli(
+        model,
+        "sd-cli",
+        &dir("in-memory"),
+        &streaming_args(two_slots, 1),
+    );
+    assert!(in_memory.success(), "{}", in_memory.stderr);
+    assert_eq!(png(&image), expected, "weights in memory");
+    assert_eq!(weights_from_file(&in_memory.stderr, model.runner).1, 0);
+
+    let half = global + layers / 2 + reserve;
+    let budgets: &[(&str, u64, &[u32])] = if half_too {
+        &[("two-slots", two_slots, depths), ("half", half, &[1])]
+    } else {
+        &[("two-slots", two_slots, depths)]
+    };
+    for &(name, budget, depths) in budgets {
+        for &depth in depths {
+            let what = format!("from the file, {name} ({budget} B), prefetch depth {depth}");
+            let mut args = streaming_args(budget, depth);
+            args.push("--stream-from-file".into());
+            let (run, image) = sd_cli(model, "sd-cli", &dir(&format!("{name}-{depth}")), &args);
+            let what = format!("{}: {what}", model.name);
+            assert!(run.success(), "{what}:\n{}", run.stderr);
+            assert_eq!(png(&image), expected, "{what}: the image differs");
+            let (weights, from_file, from_file_bytes) =
+                weights_from_file(&run.stderr, model.runner);
+            assert_eq!(
+                from_file, weights,
+                "{what}: not every weight of the diffusion model came from the file"
+            );
+            assert!(
+                from_file_bytes * 10 >= (global + layers) * 9 && from_file_bytes <= global + layers,
+                "{what}: {from_file_bytes} B from the file of {} B",
+                global + layers
+            );
+            assert_traffic_agrees(&run.stderr, model.runner, &what);
+            if name == "two-slots" && depth == 1 {
+                let saved = in_memory.peak_rss_bytes.saturating_sub(run.peak_rss_bytes);
+                eprintln!(
+                    "{}: peak RSS: weights in memory {} B, in the file {} B; the diffusion model's weights {from_file_bytes} B",
+                    model.name, in_memory.peak_rss_bytes, run.peak_rss_bytes
+                );
+                assert!(
+                    saved * 10 >= from_file_bytes * 8,
+                    "{what}: peak RSS {} B against {} B with the weights in memory: less than 80% of the diffusion model's {from_file_bytes} B saved",
+                    run.peak_rss_bytes,
+                    in_memory.peak_rss_bytes
+                );
+            }
+        }
+    }
+}
+
+/// A model file cut short: the range outside it is refused before anything runs from it.
+fn refuses_a_model_file_cut_short(model: &Model) {
+    let (roomy, _) = sd_cli(
+        model,
+        "sd-cli",
+        &scratch(&format!("from-file/{}/roomy", model.name)),
+        &streaming_args(64 << 30, 1),
+    );
+    let (global, _, largest, reserve) = sizes(&roomy.stderr, model.runner);
+    let two_slots = global + 2 * largest + reserve + (1 << 20);
+    let short = scratch("from-file/short");
+    std::fs::create_dir_all(&short).unwrap();
+    let cut = short.join(format!("{}.gguf", model.name));
+    std::fs::copy(build().models.join(format!("{}.gguf", model.name)), &cut).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
+    let length = file.metadata().unwrap().len();
+    file.set_len(length * 7 / 10).unwrap();
+    let mut args = streaming_args(two_slots, 1);
+    args.push("--stream-from-file".into());
+    let (run, image) = sd_cli_on(model, &cut, "sd-cli", &short, &args);
+    assert_stopped(&run, &image, &["lie outside", &cut.display().to_string()]);
 }

@@ -14,10 +14,16 @@
 #ifndef OFFLOAD_ENGINE_SD_HPP
 #define OFFLOAD_ENGINE_SD_HPP
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cinttypes>
 #include <cstdio>
+#include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -34,12 +40,143 @@ struct Config {
     bool stream_layers     = false;
     uint32_t prefetch_depth = 1;
     int64_t resident_layers = -1;  // a maximum; -1: as many as the budget holds (auto)
+    bool from_file          = false;  // --stream-from-file: the model file is the weights' home
 };
 
 inline Config& config() {
     static Config c;
     return c;
 }
+
+// The disk tier (--stream-from-file). sd.cpp's loader leaves each weight that its file holds
+// as ggml lays it out (same type, no conversion, not in a zip) where it is, and records it
+// here instead of reading it: its host memory is allocated but never touched. An engine that
+// registers it reads it from the file whenever it places it, so no host copy exists; what no
+// engine holds (a runner without cut markers, a LoRA applied at run time, the weights a LoRA
+// is merged into) is read into its memory before the first compute that needs it.
+class FileHomes {
+public:
+    struct Home {
+        std::string path;
+        uint64_t offset = 0;
+        int holders     = 0;  // live engines that registered it from the file
+    };
+
+    static FileHomes& get() {
+        static FileHomes homes;
+        return homes;
+    }
+
+    static bool wanted() { return config().stream_layers && config().from_file; }
+
+    // The loader's (from several threads): `t`'s bytes are at `offset` of `path`.
+    void defer(const ggml_tensor* t, const std::string& path, uint64_t offset) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        homes_[t] = Home{path, offset, 0};
+    }
+
+    // Where the file holds `t`, for an engine that registers it from there; the engine then
+    // holds it until release(t). nullptr when `t`'s data is in memory.
+    const Home* hold(const ggml_tensor* t) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = homes_.find(t);
+        if (it == homes_.end()) {
+            return nullptr;
+        }
+        ++it->second.holders;
+        return &it->second;
+    }
+
+    void release(const ggml_tensor* t) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = homes_.find(t);
+        if (it != homes_.end() && it->second.holders > 0) {
+            --it->second.holders;
+        }
+    }
+
+    // Before a compute: reads every weight `gf` reads that is still only in its file and that
+    // no engine holds into its memory (from then on it lives there).
+    bool load_unheld(ggml_cgraph* gf, std::string* error) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (homes_.empty()) {
+            return true;
+        }
+        for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+            ggml_tensor* node = ggml_graph_node(gf, i);
+            for (ggml_tensor* src : node->src) {
+                for (ggml_tensor* t : {src, src != nullptr ? src->view_src : nullptr}) {
+                    auto it = t != nullptr ? homes_.find(t) : homes_.end();
+                    if (it != homes_.end() && it->second.holders == 0) {
+                        if (!read(t, it->second, error)) {
+                            return false;
+                        }
+                        homes_.erase(it);
+                    }
+                }
+            }
+        }
+        return true;
+    }
+
+    // Before sd.cpp writes weights in place (a LoRA merged into them), once every engine is
+    // released: each weight is read into its memory, which is its home from then on.
+    bool load_all(std::string* error) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (auto it = homes_.begin(); it != homes_.end(); it = homes_.erase(it)) {
+            if (!read(it->first, it->second, error)) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    // Before `ctx`'s tensors are freed (their addresses may come back as other tensors).
+    void forget(ggml_context* ctx) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (ctx == nullptr || homes_.empty()) {
+            return;
+        }
+        for (ggml_tensor* t = ggml_get_first_tensor(ctx); t != nullptr; t = ggml_get_next_tensor(ctx, t)) {
+            homes_.erase(t);
+        }
+    }
+
+private:
+    static bool read(const ggml_tensor* t, const Home& home, std::string* error) {
+        std::string why = "the file ends there";
+        size_t want = ggml_nbytes(t), got = 0;
+        int fd      = ::open(home.path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            why = std::strerror(errno);
+        }
+        while (fd >= 0 && got < want) {
+            ssize_t n = ::pread(fd, static_cast<char*>(t->data) + got, want - got, static_cast<off_t>(home.offset + got));
+            if (n < 0 && errno == EINTR) {
+                continue;
+            }
+            if (n < 0) {
+                why = std::strerror(errno);
+            }
+            if (n <= 0) {
+                break;
+            }
+            got += static_cast<size_t>(n);
+        }
+        if (fd >= 0) {
+            ::close(fd);
+        }
+        if (got == want) {
+            return true;
+        }
+        *error = home.path + ": reading a weight at offset " + std::to_string(home.offset) + ": " + std::to_string(got) +
+                 " of " + std::to_string(want) + " bytes (" + why + ")";
+        return false;
+    }
+
+    std::mutex mutex_;
+    std::unordered_map<const ggml_tensor*, Home> homes_;
+};
 
 // The first budget refusal of the process ("<runner>: <planner message>"), empty while none.
 // sd.cpp's callers assert on a failed compute, so the command line needs it to stop cleanly.
@@ -260,7 +397,7 @@ public:
                 offload_engine_layer_stats ls;
                 ls.size = sizeof ls;
                 if (offload_engine_engine_layer_stats(engine_, l, &ls) == OFFLOAD_ENGINE_OK && !ls.resident) {
-                    per_pass += bytes_of_layer_[l];
+                    per_pass += ls.load_bytes;
                 }
             }
             std::fprintf(stderr, "offload-engine: %s: placed %s: %" PRIu64 " resident, %" PRIu64
@@ -337,16 +474,19 @@ private:
     }
 
     void release() {
-        if (engine_ == nullptr) {
-            return;
+        if (engine_ != nullptr) {
+            summarize();
+            if (joined_) {
+                Pipeline::get().remove(name_);
+                joined_ = false;
+            }
+            offload_engine_engine_free(engine_);  // every weight points home again
+            engine_ = nullptr;
         }
-        summarize();
-        if (joined_) {
-            Pipeline::get().remove(name_);
-            joined_ = false;
+        for (const ggml_tensor* t : held_) {
+            FileHomes::get().release(t);
         }
-        offload_engine_engine_free(engine_);  // every weight points home again
-        engine_ = nullptr;
+        held_.clear();
     }
 
     bool ok(int status, const char* what) {
@@ -354,6 +494,10 @@ private:
             return true;
         }
         std::fprintf(stderr, "offload-engine: %s: %s failed: %s\n", desc_.c_str(), what, offload_engine_last_error());
+        // The compute fails and sd.cpp asserts on that: the host's abort callback reports this.
+        if (refusal().empty()) {
+            refusal() = desc_ + ": " + what + ": " + offload_engine_last_error();
+        }
         return false;
     }
 
@@ -396,8 +540,16 @@ private:
             // sd.cpp's weights carry no ggml names; the engine needs unique ones.
             char name[48];
             std::snprintf(name, sizeof name, "%s.param.%zu", desc_.c_str(), i);
-            uint64_t& id = ids[i];
-            if (!ok(offload_engine_registry_add_tensor(registry, t, name, &id), "add_tensor") ||
+            uint64_t& id                 = ids[i];
+            const FileHomes::Home* home  = FileHomes::get().hold(t);
+            if (home != nullptr) {
+                held_.push_back(t);
+                from_file_bytes_ += ggml_nbytes(t);
+            }
+            int added = home != nullptr
+                            ? offload_engine_registry_add_tensor_from_file(registry, t, name, home->path.c_str(), home->offset, &id)
+                            : offload_engine_registry_add_tensor(registry, t, name, &id);
+            if (!ok(added, home != nullptr ? "add_tensor_from_file" : "add_tensor") ||
                 (owner[t] >= 0 && !ok(offload_engine_registry_assign(registry, id, static_cast<uint32_t>(owner[t])), "assign"))) {
                 *error = offload_engine_last_error();
                 offload_engine_registry_free(registry);
@@ -429,7 +581,6 @@ private:
             if (offload_engine_registry_layer_info(registry, l, &info) == OFFLOAD_ENGINE_OK) {
                 bytes = info.bytes;
             }
-            bytes_of_layer_.push_back(bytes);
             largest = std::max(largest, bytes);
         }
 
@@ -465,10 +616,11 @@ private:
         }
         joined_ = true;
         std::fprintf(stderr,
-                     "offload-engine: %s: %zu segments, %zu layers, %zu weights; global %" PRIu64
-                     " B, layers %" PRIu64 " B (largest %" PRIu64 " B), reserve %" PRIu64 " B\n",
-                     desc_.c_str(), plan.segments.size(), layers, order.size(), global_bytes_, layer_bytes_, largest,
-                     reserve);
+                     "offload-engine: %s: %zu segments, %zu layers, %zu weights (%zu, %" PRIu64
+                     " B, read from the model file); global %" PRIu64 " B, layers %" PRIu64 " B (largest %" PRIu64
+                     " B), reserve %" PRIu64 " B\n",
+                     desc_.c_str(), plan.segments.size(), layers, order.size(), held_.size(), from_file_bytes_,
+                     global_bytes_, layer_bytes_, largest, reserve);
         return true;
     }
 
@@ -496,10 +648,11 @@ private:
     uint64_t loads_    = 0;
     offload_engine_engine* engine_ = nullptr;
     std::unordered_map<const ggml_tensor*, int64_t> layer_of_;  // engine layer; -1: global
+    std::vector<const ggml_tensor*> held_;  // the weights the engine reads from the model file
+    uint64_t from_file_bytes_ = 0;
     // Per segment name: its first engine layer (-1: none) and how many it opens.
     std::unordered_map<std::string, std::pair<int64_t, int64_t>> layers_of_segment_;
     uint64_t layers_   = 0;
-    std::vector<uint64_t> bytes_of_layer_;
     uint64_t global_bytes_ = 0;
     uint64_t layer_bytes_  = 0;
     uint64_t resident_ = 0;

@@ -11,6 +11,9 @@ pub struct Finished {
     pub status: Option<ExitStatus>,
     pub stdout: String,
     pub stderr: String,
+    /// The program's peak resident set (its `ru_maxrss`); 0 when it was killed.
+    #[allow(dead_code)] // each test crate compiles this module; not all of them read it
+    pub peak_rss_bytes: u64,
 }
 
 impl Finished {
@@ -20,6 +23,7 @@ impl Finished {
 }
 
 /// Runs `command` with its output in `log_dir`, killing it after `timeout`.
+#[allow(clippy::zombie_processes)] // wait4 below reaps the child (clippy sees no wait())
 pub fn execute(
     what: &str,
     command: &mut Command,
@@ -39,10 +43,31 @@ pub fn execute(
     let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("{what}: cannot start {command:?}: {e}"));
+    let mut peak_rss_bytes = 0;
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the child") {
-            break Some(status);
+        // wait4 instead of try_wait: it also reports the child's own peak resident set.
+        let mut raw_status = 0;
+        // SAFETY: an all-zero rusage is a valid value of that plain C struct.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: our own child's pid; both out-pointers are valid for the call.
+        let reaped = unsafe {
+            libc::wait4(
+                child.id() as libc::pid_t,
+                &mut raw_status,
+                libc::WNOHANG,
+                &mut usage,
+            )
+        };
+        if reaped == child.id() as libc::pid_t {
+            use std::os::unix::process::ExitStatusExt;
+            peak_rss_bytes = usage.ru_maxrss.max(0) as u64 * 1024;
+            break Some(ExitStatus::from_raw(raw_status));
         }
+        assert!(
+            reaped == 0,
+            "{what}: wait4 failed: {}",
+            std::io::Error::last_os_error()
+        );
         if timeout.is_some_and(|limit| started.elapsed() > limit) {
             let _ = child.kill();
             let _ = child.wait();
@@ -55,6 +80,7 @@ pub fn execute(
         status,
         stdout: std::fs::read_to_string(&stdout_path).unwrap_or_default(),
         stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+        peak_rss_bytes,
     }
 }
 
