@@ -5,6 +5,7 @@
 //! so the architecture can be detected from all names at once and layer indices follow
 //! execution order whatever order the host registered tensors in.
 
+use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -62,12 +63,17 @@ pub enum Source {
     },
 }
 
-/// The name ggml holds for `t`.
-fn ggml_name(t: &crate::ggml::ggml_tensor) -> String {
-    // SAFETY: ggml names are NUL-terminated inside their fixed array.
-    unsafe { std::ffi::CStr::from_ptr(t.name.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+/// `name`, or the name ggml holds for `t` when the host gave none.
+fn name_or_ggml<'a>(name: Option<&'a str>, t: &crate::ggml::ggml_tensor) -> Cow<'a, str> {
+    match name {
+        Some(n) => Cow::Borrowed(n),
+        // SAFETY: ggml names are NUL-terminated inside their fixed array.
+        None => Cow::Owned(
+            unsafe { std::ffi::CStr::from_ptr(t.name.as_ptr()) }
+                .to_string_lossy()
+                .into_owned(),
+        ),
+    }
 }
 
 /// Stable handle of a registered tensor. The upper half names the registry so an id from
@@ -582,14 +588,8 @@ impl Registry {
         }
         // SAFETY: a non-null tensor the caller guarantees valid.
         let t = unsafe { &*tensor };
-        let owned;
-        let name = match name {
-            Some(n) => n,
-            None => {
-                owned = ggml_name(t);
-                &owned
-            }
-        };
+        let name = name_or_ggml(name, t);
+        let name = &*name;
         Registry::check_unclaimed(tensor, name)?;
         if t.data.is_null() {
             return Err(Error::invalid(format!(
@@ -671,42 +671,35 @@ impl Registry {
         if tensor.is_null() {
             return Err(Error::new(Status::NullPointer, "tensor is NULL"));
         }
-        let owned;
-        let name = match name {
-            Some(n) => n,
-            None => {
-                // SAFETY: a non-null tensor the caller guarantees valid.
-                owned = ggml_name(unsafe { &*tensor });
-                &owned
-            }
-        };
+        // SAFETY: a non-null tensor the caller guarantees valid.
+        let t = unsafe { &*tensor };
+        let name = name_or_ggml(name, t);
+        let name = &*name;
         self.check_not_frozen("register tensors")?;
         let files_before = self.files.len();
-        let file = match self.files.iter().position(|f| f.path == path) {
-            Some(known) => known as u32,
-            None => {
-                let (_, stamp) = gguf::open_regular(path)?;
-                self.add_stamped_file(path, Some(stamp))?
+        let added = (|| {
+            let file = match self.files.iter().position(|f| f.path == path) {
+                Some(known) => known as u32,
+                None => self.add_stamped_file(path, Some(gguf::open_regular(path)?.1))?,
+            };
+            let size = self.files[file as usize].stamp.map_or(0, |s| s.size);
+            // SAFETY: as above.
+            let bytes = unsafe { crate::ggml::ggml_nbytes(tensor) } as u64;
+            if offset.checked_add(bytes).is_none_or(|end| end > size) {
+                return Err(Error::new(
+                    Status::CorruptFile,
+                    format!(
+                        "tensor '{name}': bytes {offset}..{} lie outside {} ({size} bytes)",
+                        offset.saturating_add(bytes),
+                        path.display()
+                    ),
+                ));
             }
-        };
-        let size = self.files[file as usize].stamp.map_or(0, |s| s.size);
-        // SAFETY: a non-null tensor the caller guarantees valid.
-        let bytes = unsafe { crate::ggml::ggml_nbytes(tensor) } as u64;
-        if offset.checked_add(bytes).is_none_or(|end| end > size) {
-            self.files.truncate(files_before);
-            return Err(Error::new(
-                Status::CorruptFile,
-                format!(
-                    "tensor '{name}': bytes {offset}..{} lie outside {} ({size} bytes)",
-                    offset.saturating_add(bytes),
-                    path.display()
-                ),
-            ));
-        }
-        // SAFETY: forwarded caller guarantee.
-        let added = unsafe { self.add_ggml_tensor_in_file(tensor, name, file, offset) };
+            // SAFETY: forwarded caller guarantee.
+            unsafe { self.add_ggml_tensor_in_file(tensor, name, file, offset) }
+        })();
         if added.is_err() {
-            self.files.truncate(files_before);
+            self.files.truncate(files_before); // a file registered for this tensor alone
         }
         added
     }
