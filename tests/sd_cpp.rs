@@ -157,9 +157,29 @@ fn scratch(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The figures the hook prints for a runner: `offload-engine: unet: ... global G B, layers L B
-/// (largest M B), reserve R B; ...`.
-fn sizes(stderr: &str, runner: &str) -> (u64, u64, u64, u64) {
+/// The figures the hook prints for a runner, and the budgets the tests make from them.
+struct Sizes {
+    global: u64,
+    layers: u64,
+    largest: u64,
+    reserve: u64,
+}
+
+impl Sizes {
+    /// The global tensors plus two slots of the largest layer (prefetch depth 1 fits).
+    fn two_slots(&self) -> u64 {
+        self.global + 2 * self.largest + self.reserve + (1 << 20)
+    }
+
+    /// The global tensors plus about half the layers.
+    fn half(&self) -> u64 {
+        self.global + self.layers / 2 + self.reserve
+    }
+}
+
+/// From a runner's line `offload-engine: unet: ... global G B, layers L B (largest M B),
+/// reserve R B; ...`.
+fn sizes(stderr: &str, runner: &str) -> Sizes {
     let line = stderr
         .lines()
         .find(|l| l.contains(&format!("offload-engine: {runner}:")) && l.contains(" B, layers "))
@@ -172,12 +192,12 @@ fn sizes(stderr: &str, runner: &str) -> (u64, u64, u64, u64) {
             .parse()
             .unwrap()
     };
-    (
-        number_after("global "),
-        number_after("layers "),
-        number_after("(largest "),
-        number_after("reserve "),
-    )
+    Sizes {
+        global: number_after("global "),
+        layers: number_after("layers "),
+        largest: number_after("(largest "),
+        reserve: number_after("reserve "),
+    }
 }
 
 fn gib(bytes: u64) -> String {
@@ -211,13 +231,10 @@ fn streams_with_the_unpatched_image(model: &Model) {
     let (roomy, image) = sd_cli(model, "sd-cli", &dir("roomy"), &streaming_args(64 << 30, 1));
     assert!(roomy.success(), "{}", roomy.stderr);
     assert_eq!(png(&image), expected, "all resident");
-    let (global, layers, largest, reserve) = sizes(&roomy.stderr, model.runner);
+    let sizes = sizes(&roomy.stderr, model.runner);
     let budgets = [
-        ("half", global + layers / 2 + reserve),
-        (
-            "global + 2 slots",
-            global + 2 * largest + reserve + (1 << 20),
-        ),
+        ("half", sizes.half()),
+        ("global + 2 slots", sizes.two_slots()),
     ];
     for (name, budget) in budgets {
         for depth in [0u32, 1, 2] {
@@ -302,7 +319,7 @@ fn loras_in_both_modes_stream_with_the_unpatched_image() {
     let (plain, plain_png) = sd_cli(model, "sd-cli-unpatched", &dir("no-lora"), &[]);
     assert!(plain.success(), "{}", plain.stderr);
     let (roomy, _) = sd_cli(model, "sd-cli", &dir("roomy"), &streaming_args(64 << 30, 1));
-    let (global, _, largest, reserve) = sizes(&roomy.stderr, model.runner);
+    let budget = sizes(&roomy.stderr, model.runner).two_slots();
     for mode in ["immediately", "at_runtime"] {
         let lora = vec![
             "-p".to_string(),
@@ -332,10 +349,7 @@ fn loras_in_both_modes_stream_with_the_unpatched_image() {
             "{mode}: the LoRA changed nothing"
         );
         let mut args = lora.clone();
-        args.extend(streaming_args(
-            global + 2 * largest + reserve + (1 << 20),
-            1,
-        ));
+        args.extend(streaming_args(budget, 1));
         let (run, image) = sd_cli(model, "sd-cli", &dir(mode), &args);
         assert!(run.success(), "{mode}: {}", run.stderr);
         assert_eq!(
@@ -371,8 +385,8 @@ fn two_images_in_one_process_and_a_budget_too_small() {
         &scratch("batch-roomy"),
         &streaming_args(64 << 30, 1),
     );
-    let (global, _, largest, reserve) = sizes(&roomy.stderr, "unet");
-    let mut args = streaming_args(global + 2 * largest + reserve + (1 << 20), 1);
+    let sizes = sizes(&roomy.stderr, "unet");
+    let mut args = streaming_args(sizes.two_slots(), 1);
     args.extend(batch.iter().cloned());
     let dir = scratch("batch-streamed");
     let (run, _) = sd_cli(&SD1_TINY, "sd-cli", &dir, &args);
@@ -386,7 +400,12 @@ fn two_images_in_one_process_and_a_budget_too_small() {
 
     // Below the global tensors plus one slot: the planner's message, no image, no crash.
     let dir = scratch("too-small");
-    let (run, image) = sd_cli(&SD1_TINY, "sd-cli", &dir, &streaming_args(global / 2, 1));
+    let (run, image) = sd_cli(
+        &SD1_TINY,
+        "sd-cli",
+        &dir,
+        &streaming_args(sizes.global / 2, 1),
+    );
     assert_stopped(&run, &image, &["insufficient device memory", "--max-vram"]);
 }
 
@@ -446,8 +465,7 @@ fn jobs_in_a_host_that_keeps_its_models_share_one_budget() {
     assert_ne!(expected[0], expected[1], "the LoRA changed nothing");
     // One job is enough for the sizes the budget is made from.
     let (roomy, _) = jobs("roomy", 1, Some(64 << 30));
-    let (global, layers, _, reserve) = sizes(&roomy, model.runner);
-    let budget = global + layers / 2 + reserve;
+    let budget = sizes(&roomy, model.runner).half();
     let (stderr, images) = jobs("half", 4, Some(budget));
     assert_eq!(images, expected, "the streamed jobs' images differ");
     // "pipeline budget B B, peak P B, L loads, U unloads", last as the components are freed.
@@ -512,20 +530,21 @@ fn weights_from_file(stderr: &str, runner: &str) -> (u64, u64, u64) {
 /// image.
 #[test]
 fn weights_left_in_the_model_file_stream_with_the_unpatched_image_in_less_memory() {
-    streams_from_the_model_file(&SD1_TINY, &[0, 1, 2], true);
+    let sd1 = streams_from_the_model_file(&SD1_TINY, &[0, 1, 2], true);
     streams_from_the_model_file(&FLUX_TINY, &[1], false);
-    refuses_a_model_file_cut_short(&SD1_TINY);
+    refuses_a_model_file_cut_short(&SD1_TINY, sd1.two_slots());
 }
 
-fn streams_from_the_model_file(model: &Model, depths: &[u32], half_too: bool) {
+/// Returns the diffusion runner's sizes.
+fn streams_from_the_model_file(model: &Model, depths: &[u32], half_too: bool) -> Sizes {
     let dir = |name: &str| scratch(&format!("from-file/{}/{name}", model.name));
     let (reference, reference_png) = sd_cli(model, "sd-cli-unpatched", &dir("reference"), &[]);
     assert!(reference.success(), "{}", reference.stderr);
     let expected = png(&reference_png);
     let (roomy, _) = sd_cli(model, "sd-cli", &dir("roomy"), &streaming_args(64 << 30, 1));
     assert!(roomy.success(), "{}", roomy.stderr);
-    let (global, layers, largest, reserve) = sizes(&roomy.stderr, model.runner);
-    let two_slots = global + 2 * largest + reserve + (1 << 20);
+    let sizes = sizes(&roomy.stderr, model.runner);
+    let (two_slots, weight_bytes) = (sizes.two_slots(), sizes.global + sizes.layers);
     let (in_memory, image) = sd_cli(
         model,
         "sd-cli",
@@ -536,9 +555,11 @@ fn streams_from_the_model_file(model: &Model, depths: &[u32], half_too: bool) {
     assert_eq!(png(&image), expected, "weights in memory");
     assert_eq!(weights_from_file(&in_memory.stderr, model.runner).1, 0);
 
-    let half = global + layers / 2 + reserve;
     let budgets: &[(&str, u64, &[u32])] = if half_too {
-        &[("two-slots", two_slots, depths), ("half", half, &[1])]
+        &[
+            ("two-slots", two_slots, depths),
+            ("half", sizes.half(), &[1]),
+        ]
     } else {
         &[("two-slots", two_slots, depths)]
     };
@@ -558,9 +579,8 @@ fn streams_from_the_model_file(model: &Model, depths: &[u32], half_too: bool) {
                 "{what}: not every weight of the diffusion model came from the file"
             );
             assert!(
-                from_file_bytes * 10 >= (global + layers) * 9 && from_file_bytes <= global + layers,
-                "{what}: {from_file_bytes} B from the file of {} B",
-                global + layers
+                from_file_bytes * 10 >= weight_bytes * 9 && from_file_bytes <= weight_bytes,
+                "{what}: {from_file_bytes} B from the file of {weight_bytes} B"
             );
             assert_traffic_agrees(&run.stderr, model.runner, &what);
             if name == "two-slots" && depth == 1 {
@@ -578,18 +598,11 @@ fn streams_from_the_model_file(model: &Model, depths: &[u32], half_too: bool) {
             }
         }
     }
+    sizes
 }
 
 /// A model file cut short: the range outside it is refused before anything runs from it.
-fn refuses_a_model_file_cut_short(model: &Model) {
-    let (roomy, _) = sd_cli(
-        model,
-        "sd-cli",
-        &scratch(&format!("from-file/{}/roomy", model.name)),
-        &streaming_args(64 << 30, 1),
-    );
-    let (global, _, largest, reserve) = sizes(&roomy.stderr, model.runner);
-    let two_slots = global + 2 * largest + reserve + (1 << 20);
+fn refuses_a_model_file_cut_short(model: &Model, budget: u64) {
     let short = scratch("from-file/short");
     std::fs::create_dir_all(&short).unwrap();
     let cut = short.join(format!("{}.gguf", model.name));
@@ -597,7 +610,7 @@ fn refuses_a_model_file_cut_short(model: &Model) {
     let file = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
     let length = file.metadata().unwrap().len();
     file.set_len(length * 7 / 10).unwrap();
-    let mut args = streaming_args(two_slots, 1);
+    let mut args = streaming_args(budget, 1);
     args.push("--stream-from-file".into());
     let (run, image) = sd_cli_on(model, &cut, "sd-cli", &short, &args);
     assert_stopped(&run, &image, &["lie outside", &cut.display().to_string()]);
