@@ -102,17 +102,22 @@ public:
         if (homes_.empty()) {
             return true;
         }
+        Reader reader;
+        auto load = [&](ggml_tensor* t) {
+            auto it = t != nullptr ? homes_.find(t) : homes_.end();
+            if (it == homes_.end() || it->second.holders > 0) {
+                return true;
+            }
+            if (!reader.read(t, it->second, error)) {
+                return false;
+            }
+            homes_.erase(it);
+            return true;
+        };
         for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-            ggml_tensor* node = ggml_graph_node(gf, i);
-            for (ggml_tensor* src : node->src) {
-                for (ggml_tensor* t : {src, src != nullptr ? src->view_src : nullptr}) {
-                    auto it = t != nullptr ? homes_.find(t) : homes_.end();
-                    if (it != homes_.end() && it->second.holders == 0) {
-                        if (!read(t, it->second, error)) {
-                            return false;
-                        }
-                        homes_.erase(it);
-                    }
+            for (ggml_tensor* src : ggml_graph_node(gf, i)->src) {
+                if (src != nullptr && !(load(src) && load(src->view_src))) {
+                    return false;
                 }
             }
         }
@@ -123,8 +128,9 @@ public:
     // released: each weight is read into its memory, which is its home from then on.
     bool load_all(std::string* error) {
         std::lock_guard<std::mutex> lock(mutex_);
+        Reader reader;
         for (auto it = homes_.begin(); it != homes_.end(); it = homes_.erase(it)) {
-            if (!read(it->first, it->second, error)) {
+            if (!reader.read(it->first, it->second, error)) {
                 return false;
             }
         }
@@ -143,46 +149,73 @@ public:
     }
 
 private:
-    static bool read(const ggml_tensor* t, const Home& home, std::string* error) {
-        std::string why = "the file ends there";
-        size_t want = ggml_nbytes(t), got = 0;
-        int fd      = ::open(home.path.c_str(), O_RDONLY | O_CLOEXEC);
-        if (fd < 0) {
-            why = std::strerror(errno);
-        }
-        while (fd >= 0 && got < want) {
-            ssize_t n = ::pread(fd, static_cast<char*>(t->data) + got, want - got, static_cast<off_t>(home.offset + got));
-            if (n < 0 && errno == EINTR) {
-                continue;
+    // Reads weights into their memory, keeping the last file open: a model's weights lie in
+    // one file or a few, so each is opened once per call, not once per weight.
+    class Reader {
+    public:
+        ~Reader() { close(); }
+
+        bool read(const ggml_tensor* t, const Home& home, std::string* error) {
+            std::string why = "the file ends there";
+            if (fd_ < 0 || path_ != home.path) {
+                close();
+                fd_   = ::open(home.path.c_str(), O_RDONLY | O_CLOEXEC);
+                path_ = home.path;
+                if (fd_ < 0) {
+                    why = std::strerror(errno);
+                }
             }
-            if (n < 0) {
-                why = std::strerror(errno);
+            size_t want = ggml_nbytes(t), got = 0;
+            while (fd_ >= 0 && got < want) {
+                ssize_t n = ::pread(fd_, static_cast<char*>(t->data) + got, want - got, static_cast<off_t>(home.offset + got));
+                if (n < 0 && errno == EINTR) {
+                    continue;
+                }
+                if (n < 0) {
+                    why = std::strerror(errno);
+                }
+                if (n <= 0) {
+                    break;
+                }
+                got += static_cast<size_t>(n);
             }
-            if (n <= 0) {
-                break;
+            if (got == want) {
+                return true;
             }
-            got += static_cast<size_t>(n);
+            *error = home.path + ": reading a weight at offset " + std::to_string(home.offset) + ": " +
+                     std::to_string(got) + " of " + std::to_string(want) + " bytes (" + why + ")";
+            return false;
         }
-        if (fd >= 0) {
-            ::close(fd);
+
+    private:
+        void close() {
+            if (fd_ >= 0) {
+                ::close(fd_);
+            }
+            fd_ = -1;
         }
-        if (got == want) {
-            return true;
-        }
-        *error = home.path + ": reading a weight at offset " + std::to_string(home.offset) + ": " + std::to_string(got) +
-                 " of " + std::to_string(want) + " bytes (" + why + ")";
-        return false;
-    }
+
+        std::string path_;
+        int fd_ = -1;
+    };
 
     std::mutex mutex_;
     std::unordered_map<const ggml_tensor*, Home> homes_;
 };
 
-// The first budget refusal of the process ("<runner>: <planner message>"), empty while none.
-// sd.cpp's callers assert on a failed compute, so the command line needs it to stop cleanly.
+// The first refusal of the process ("<runner>: <why>": the planner's message, a model file the
+// engine cannot read), empty while none. sd.cpp's callers assert on a failed compute, so the
+// command line needs it to stop cleanly.
 inline std::string& refusal() {
     static std::string message;
     return message;
+}
+
+// Keeps the first refusal: `who` could not go on because of `why`.
+inline void refuse(const std::string& who, const std::string& why) {
+    if (refusal().empty()) {
+        refusal() = who + ": " + why;
+    }
 }
 
 // sd.cpp's runners by what they do in a job (their get_desc()).
@@ -495,9 +528,7 @@ private:
         }
         std::fprintf(stderr, "offload-engine: %s: %s failed: %s\n", desc_.c_str(), what, offload_engine_last_error());
         // The compute fails and sd.cpp asserts on that: the host's abort callback reports this.
-        if (refusal().empty()) {
-            refusal() = desc_ + ": " + what + ": " + offload_engine_last_error();
-        }
+        refuse(desc_, std::string(what) + ": " + offload_engine_last_error());
         return false;
     }
 
