@@ -2,7 +2,7 @@
 # Builds stable-diffusion.cpp's sd-cli with offload-engine's drop-in, and the same sd-cli
 # unpatched, for comparisons:
 #
-#   bash integrations/stable-diffusion.cpp/build.sh OUTDIR
+#   bash integrations/stable-diffusion.cpp/build.sh [--asan] OUTDIR
 #
 # 1. Fetches the source distribution of stable-diffusion-cpp-python 0.4.7 from PyPI (once,
 #    sha256 checked) and takes its vendor/stable-diffusion.cpp tree.
@@ -12,13 +12,20 @@
 # 5. Builds the patched sd-cli linked with it, the unpatched sd-cli, and sd-model-gen (a small
 #    program of ours that writes models with sd.cpp's own tensor lists and generated weights).
 #
-# OUTDIR/bin then holds sd-cli, sd-cli-unpatched and sd-model-gen. A second run reuses what is
-# up to date. It takes a while on 2 cores (two sd.cpp builds); progress goes to stdout.
+# OUTDIR/bin then holds sd-cli, sd-cli-unpatched, sd-model-gen and sd-jobs. A second run reuses
+# what is up to date. It takes a while on 2 cores (two sd.cpp builds); progress goes to stdout.
+# With --asan it also builds the patched sd.cpp and its ggml a third time under
+# AddressSanitizer, as sd-cli-asan and sd-jobs-asan (tests/sanitizers.sh runs them).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
-[ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
+asan=0
+if [ "${1:-}" = --asan ]; then
+    asan=1
+    shift
+fi
+[ $# -eq 1 ] || { echo "usage: $0 [--asan] OUTDIR" >&2; exit 2; }
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
 jobs=${JOBS:-$(nproc)}
@@ -85,17 +92,29 @@ fi
 
 # RPATH rather than RUNPATH: the binaries find their own ggml and engine even where
 # LD_LIBRARY_PATH names other builds of them (cargo test sets it to the target directory).
-cmake_args=(-DCMAKE_BUILD_TYPE=Release -DSD_BUILD_SHARED_GGML_LIB=ON -DSD_WEBP=OFF -DSD_WEBM=OFF
-    "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--disable-new-dtags" "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--disable-new-dtags")
+# cmake_args [COMPILER_AND_LINKER_FLAGS]: the configuration of every sd.cpp build here, one
+# argument per line.
+cmake_args() {
+    local link="${1:+$1 }-Wl,--disable-new-dtags"
+    printf '%s\n' -DCMAKE_BUILD_TYPE=Release -DSD_BUILD_SHARED_GGML_LIB=ON -DSD_WEBP=OFF -DSD_WEBM=OFF \
+        "-DCMAKE_EXE_LINKER_FLAGS=$link" "-DCMAKE_SHARED_LINKER_FLAGS=$link"
+    [ -z "${1:-}" ] || printf '%s\n' "-DCMAKE_C_FLAGS=$1" "-DCMAKE_CXX_FLAGS=$1"
+}
 engine=$out/engine/release/liboffload_engine.so
 
-# Configured once with the engine (its library is built before sd-cli links it), so the
-# ggml built first is the one sd-cli uses, and a second run rebuilds nothing.
+# configure_patched BUILD_DIR [FLAGS]: the patched tree with the engine. Configured once with
+# it (its library is built before sd-cli links it), so the ggml built first is the one sd-cli
+# uses, and a second run rebuilds nothing.
+configure_patched() {
+    local args
+    mapfile -t args < <(cmake_args "${2:-}")
+    cmake -S "$patched" -B "$1" "${args[@]}" -DSD_OFFLOAD_ENGINE=ON \
+        -DSD_OFFLOAD_ENGINE_LIB="$engine" \
+        -DSD_OFFLOAD_ENGINE_INCLUDE="$root/ffi;$here" >/dev/null
+}
 step "ggml (sd.cpp's tree, shared, GGML_MAX_NAME=128)"
 build=$out/build/patched
-cmake -S "$patched" -B "$build" "${cmake_args[@]}" -DSD_OFFLOAD_ENGINE=ON \
-    -DSD_OFFLOAD_ENGINE_LIB="$engine" \
-    -DSD_OFFLOAD_ENGINE_INCLUDE="$root/ffi;$here" >/dev/null
+configure_patched "$build"
 build_targets "$build" ggml ggml-base ggml-cpu
 
 # A ggml install prefix for host-ggml mode: its headers and its shared libraries.
@@ -118,30 +137,32 @@ fi
 step "sd-cli with offload-engine"
 build_targets "$build" sd-cli
 
-# A program of ours linked against the patched sd.cpp library, its ggml and the engine,
-# rebuilt when its source or that library is newer: link_program SOURCE BINARY [FLAGS...].
+# A program of ours linked against a build of the patched sd.cpp library, that build's ggml
+# and the engine, rebuilt when its source or that library is newer:
+# link_program BUILD_DIR GGML_LIB_DIR SOURCE BINARY [FLAGS...].
 mkdir -p "$out/bin"
-sdlib=$(find "$build" -name 'libstable-diffusion.a' | head -1)
 link_program() {
-    local source=$1 binary=$out/bin/$2
-    shift 2
+    local from=$1 ggml_lib=$2 source=$3 binary=$out/bin/$4 sdlib
+    shift 4
+    sdlib=$(find "$from" -name 'libstable-diffusion.a' | head -1)
     if [ ! -x "$binary" ] || [ "$source" -nt "$binary" ] || [ "$sdlib" -nt "$binary" ]; then
         c++ -std=c++17 -O2 -I"$patched/include" "$@" \
-            "$source" "$sdlib" $(find "$build" -name 'libzip.a' | head -1) \
-            -L"$prefix/lib" -lggml -lggml-base -lggml-cpu "$engine" -Wl,--disable-new-dtags -Wl,-rpath,"$prefix/lib:$out/engine/release" \
+            "$source" "$sdlib" $(find "$from" -name 'libzip.a' | head -1) \
+            -L"$ggml_lib" -lggml -lggml-base -lggml-cpu "$engine" -Wl,--disable-new-dtags -Wl,-rpath,"$ggml_lib:$out/engine/release" \
             -lpthread -ldl -o "$binary"
     fi
 }
 
 step "sd-model-gen (generated weights, sd.cpp's tensor lists)"
-link_program "$here/model_gen.cpp" sd-model-gen -DGGML_MAX_NAME=128 -DSD_USE_OFFLOAD_ENGINE \
+link_program "$build" "$prefix/lib" "$here/model_gen.cpp" sd-model-gen -DGGML_MAX_NAME=128 -DSD_USE_OFFLOAD_ENGINE \
     -I"$patched" -I"$patched/src" -I"$patched/thirdparty" -I"$patched/ggml/include" -I"$root/ffi" -I"$here"
 
 step "sd-jobs (a host that keeps its models loaded between jobs)"
-link_program "$here/jobs.cpp" sd-jobs
+link_program "$build" "$prefix/lib" "$here/jobs.cpp" sd-jobs
 
 step "sd-cli unpatched"
-cmake -S "$pristine" -B "$out/build/pristine" "${cmake_args[@]}" >/dev/null
+mapfile -t pristine_args < <(cmake_args)
+cmake -S "$pristine" -B "$out/build/pristine" "${pristine_args[@]}" >/dev/null
 build_targets "$out/build/pristine" sd-cli
 
 ln -sf "$(find "$build" -name sd-cli -type f -perm -u+x | head -1)" "$out/bin/sd-cli"
@@ -149,4 +170,20 @@ ln -sf "$(find "$out/build/pristine" -name sd-cli -type f -perm -u+x | head -1)"
 for b in sd-cli sd-cli-unpatched; do
     [ -x "$out/bin/$b" ] || { echo "$b was not built" >&2; exit 1; }
 done
+
+if [ "$asan" = 1 ]; then
+    # The engine's library is the one above (Rust, built without the sanitizer); sd.cpp, its
+    # ggml and our hook are instrumented, and ASan's allocator sees every allocation.
+    step "sd-cli and sd-jobs under AddressSanitizer"
+    asan_build=$out/build/patched-asan
+    asan_flags="-fsanitize=address -fno-omit-frame-pointer -g"
+    configure_patched "$asan_build" "$asan_flags"
+    build_targets "$asan_build" sd-cli
+    ln -sf "$(find "$asan_build" -name sd-cli -type f -perm -u+x | head -1)" "$out/bin/sd-cli-asan"
+    asan_ggml=$(dirname "$(find "$asan_build" -name 'libggml.so' | head -1)")
+    link_program "$asan_build" "$asan_ggml" "$here/jobs.cpp" sd-jobs-asan $asan_flags
+    for b in sd-cli-asan sd-jobs-asan; do
+        [ -x "$out/bin/$b" ] || { echo "$b was not built" >&2; exit 1; }
+    done
+fi
 step "done in $(( $(date +%s) - started )) s: $out/bin"
